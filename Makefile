@@ -1,0 +1,32 @@
+# brainprobe — the two commands a newcomer needs: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test test-all clean-data
+
+setup: $(STAMP)
+
+# Idempotent: re-installs only when pyproject.toml or the lock change.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]"
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m datamodules.synthetic --out data/synthetic_nsd --if-missing
+	$(PY) train.py -m experiment=demo backbone=tiny,alexnet hydra.sweep.dir=$(DEMO_DIR)
+	$(PY) analyze.py analysis=summary sweep_dir=$(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+clean-data:
+	rm -rf data/synthetic_nsd
