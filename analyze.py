@@ -1,0 +1,72 @@
+"""Run analyses over finished runs.
+
+    python analyze.py analysis=summary sweep_dir=outputs/multirun/2026-01-01_12-00-00
+    python analyze.py analysis=summary run_dir=outputs/runs/<run>
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from analyses.summary import find_runs, load_run, summary_rows, write_csv
+
+ANALYSES = ("summary",)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def run_summary(cfg: DictConfig, target: Path) -> None:
+    runs = [load_run(d) for d in find_runs(target)]
+    if not runs:
+        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    header, rows = summary_rows(runs, cfg.analysis.split, list(cfg.analysis.rois) if cfg.analysis.rois else None)
+    console = Console(width=max(120, 12 * len(header)))
+    main_cols = header.index("wall_s") + 1
+    table = Table(title=f"{cfg.analysis.split} accuracy — {target}")
+    for name in header[:main_cols]:
+        table.add_column(name, justify="right" if name not in ("backbone", "head", "data") else "left")
+    for row in rows:
+        table.add_row(*[fmt(v) for v in row[:main_cols]])
+    console.print(table)
+    if len(header) > main_cols:
+        roi_table = Table(title=f"{cfg.analysis.split} mean r per ROI")
+        roi_table.add_column("ROI")
+        for row in rows:
+            roi_table.add_column(f"{row[0]}/{row[1]}", justify="right")
+        for j, name in enumerate(header[main_cols:], start=main_cols):
+            roi_table.add_row(name.removeprefix("r "), *[fmt(row[j]) for row in rows])
+        console.print(roi_table)
+    write_csv(target / "summary.csv", header, rows)
+    console.print(f"wrote {target / 'summary.csv'}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    target = cfg.sweep_dir or cfg.run_dir
+    if target is None:
+        print("error: give run_dir=<run directory> or sweep_dir=<multirun directory>", file=sys.stderr)
+        sys.exit(2)
+    if cfg.analysis.name not in ANALYSES:
+        print(f"error: analysis '{cfg.analysis.name}' is not available (available: {', '.join(ANALYSES)})",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        run_summary(cfg, Path(target))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

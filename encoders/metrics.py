@@ -1,0 +1,138 @@
+"""Per-voxel accuracy over a whole split: Pearson r, R² and noise-ceiling-normalised R².
+
+Scores are accumulated from sufficient statistics in float64, so a split can be fed in
+any number of batches (and, under DDP, summed across ranks by torchmetrics) and still
+give exactly the whole-split correlation — never an average of per-batch scores.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+
+class VoxelScores(Metric):
+    """Accumulates per-voxel sums over batches; ``compute()`` gives whole-split scores.
+
+    update(pred, target): pred, target (n_samples, n_voxels).
+    compute() -> dict with "r" and "r2", each a float64 tensor (n_voxels,). Voxels with a
+    constant prediction or target get NaN r (and NaN R² for a constant target).
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, n_voxels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n_voxels = n_voxels
+        for name in ("sum_p", "sum_t", "sum_pp", "sum_tt", "sum_pt", "sum_res"):
+            self.add_state(name, default=torch.zeros(n_voxels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != self.n_voxels:
+            raise ValueError(f"VoxelScores expects pred and target of shape (n, {self.n_voxels}), "
+                             f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+        p = pred.detach().to(torch.float64)
+        t = target.detach().to(torch.float64)
+        self.sum_p += p.sum(0)
+        self.sum_t += t.sum(0)
+        self.sum_pp += (p * p).sum(0)
+        self.sum_tt += (t * t).sum(0)
+        self.sum_pt += (p * t).sum(0)
+        self.sum_res += ((t - p) ** 2).sum(0)
+        self.n += p.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return scores_from_sums(self.n, self.sum_p, self.sum_t, self.sum_pp, self.sum_tt,
+                                self.sum_pt, self.sum_res)
+
+
+def scores_from_sums(n, sum_p, sum_t, sum_pp, sum_tt, sum_pt, sum_res) -> dict[str, torch.Tensor]:
+    """Pearson r and R² per voxel from float64 sums (each (n_voxels,), n a scalar)."""
+    cov = sum_pt - sum_p * sum_t / n
+    var_p = sum_pp - sum_p ** 2 / n
+    var_t = sum_tt - sum_t ** 2 / n
+    # Relative tolerance: a column whose variance is rounding noise is constant.
+    tiny_p = var_p <= 1e-12 * torch.clamp(sum_pp, min=1e-300)
+    tiny_t = var_t <= 1e-12 * torch.clamp(sum_tt, min=1e-300)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=cov.device)
+    r = torch.where(tiny_p | tiny_t, nan, cov / torch.sqrt(var_p.clamp(min=0) * var_t.clamp(min=0)))
+    r2 = torch.where(tiny_t, nan, 1.0 - sum_res / var_t)
+    return {"r": r, "r2": r2}
+
+
+def pearson_r(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-column Pearson r: pred, true (n_samples, n_voxels) -> (n_voxels,) float64 (NaN if constant)."""
+    return _scores(pred, true)["r"]
+
+
+def r2_score(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per-column coefficient of determination 1 - SS_res/SS_tot: (n_samples, n_voxels) -> (n_voxels,)."""
+    return _scores(pred, true)["r2"]
+
+
+def _scores(pred, true) -> dict[str, np.ndarray]:
+    pred_t = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred)
+    true_t = torch.as_tensor(np.asarray(true) if not torch.is_tensor(true) else true)
+    if pred_t.ndim == 1:
+        pred_t, true_t = pred_t[:, None], true_t[:, None]
+    metric = VoxelScores(pred_t.shape[1])
+    metric.update(pred_t, true_t)
+    return {k: v.cpu().numpy() for k, v in metric.compute().items()}
+
+
+def noise_ceiling_k(n_repeats: np.ndarray) -> float:
+    """NSD's k for a test set whose images are averages of n_repeats[i] trials.
+
+    k = (A/3 + B/2 + C/1) / (A + B + C) in general form: mean over images of 1/n_repeats.
+    """
+    n_repeats = np.asarray(n_repeats, dtype=np.float64)
+    if n_repeats.size == 0 or np.any(n_repeats < 1):
+        raise ValueError("noise_ceiling_k: every test image needs at least one trial")
+    return float(np.mean(1.0 / n_repeats))
+
+
+def noise_ceiling(ncsnr: np.ndarray, k: float) -> np.ndarray:
+    """Noise ceiling in % of explainable variance: NC = 100·ncsnr²/(ncsnr² + k), shape of ncsnr."""
+    ncsnr = np.asarray(ncsnr, dtype=np.float64)
+    return 100.0 * ncsnr ** 2 / (ncsnr ** 2 + k)
+
+
+def nc_normalised_r2(r2: np.ndarray, nc_percent: np.ndarray) -> np.ndarray:
+    """R² divided by the attainable R² (NC/100); NaN where the ceiling is 0."""
+    nc = np.asarray(nc_percent, dtype=np.float64) / 100.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(nc > 0, np.asarray(r2, dtype=np.float64) / nc, np.nan)
+
+
+def summarize(r: np.ndarray, r2: np.ndarray, nc_r2: np.ndarray | None,
+              rois: dict[str, np.ndarray] | None = None) -> dict:
+    """The documented metrics.json block for one split.
+
+    r, r2, nc_r2: (n_voxels,); rois: name -> bool mask or index array over the same voxels.
+    Returns {"r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan", "rois": {name: {...}}}.
+    Means ignore NaN voxels (constant ones), whose count is reported as n_nan.
+    """
+    out = _block(r, r2, nc_r2, np.arange(len(r)))
+    out["rois"] = {}
+    for name, sel in (rois or {}).items():
+        sel = np.asarray(sel)
+        idx = np.flatnonzero(sel) if sel.dtype == bool else sel
+        if idx.size:
+            out["rois"][name] = _block(r, r2, nc_r2, idx)
+    return out
+
+
+def _block(r, r2, nc_r2, sel: np.ndarray) -> dict:
+    """Means over the voxels at index array sel."""
+    rs, r2s = np.asarray(r)[sel], np.asarray(r2)[sel]
+
+    def mean(x):
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if x.size else float("nan")
+
+    block = {"r_mean": mean(rs), "r_median": float(np.nanmedian(rs)) if np.isfinite(rs).any() else float("nan"),
+             "r2_mean": mean(r2s), "nc_r2_mean": mean(np.asarray(nc_r2)[sel]) if nc_r2 is not None else None,
+             "n_voxels": int(len(sel)), "n_nan": int((~np.isfinite(rs)).sum())}
+    return block

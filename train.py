@@ -1,0 +1,175 @@
+"""Train and test one encoding model: compose config -> data -> frozen backbone -> head -> run directory.
+
+    python train.py backbone=alexnet head=linear data=nsd data.root=/path/to/nsd data.subject=1
+    python train.py -m backbone=tiny,alexnet experiment=demo
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from datamodules.errors import DataError  # noqa: E402
+from datamodules.synthetic import ensure_synthetic  # noqa: E402
+from encoders.extract import extract_features  # noqa: E402
+from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
+from encoders.model import EncodingModel  # noqa: E402
+from encoders.run_record import git_commit, package_versions, write_json, write_voxel_metrics  # noqa: E402
+from encoders.weights import WeightsError  # noqa: E402
+
+log = logging.getLogger("brainprobe.train")
+USER_ERRORS = (DataError, WeightsError)
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless a key is set or WANDB_MODE asks for online: never blocks on the network."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode:
+        return mode in ("offline", "disabled", "dryrun")
+    return not os.environ.get("WANDB_API_KEY")
+
+
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+
+
+def build_datamodule(cfg: DictConfig):
+    """Instantiate the datamodule (generating the embedded synthetic dataset first if asked)."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    synthetic = data_cfg.pop("synthetic", None)
+    if synthetic:
+        ensure_synthetic(data_cfg["root"], **synthetic)
+    dm = instantiate(data_cfg)
+    dm.setup()
+    return dm
+
+
+def extraction_device(cfg: DictConfig) -> str:
+    wants_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu"
+    return "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"
+
+
+def precompute_features(backbone, dm, device: str) -> dict[str, torch.Tensor]:
+    """One frozen-backbone pass per split; the datamodule then serves features, not images."""
+    dm.set_transform(backbone.transform)
+    features = {split: extract_features(backbone, dm.image_loader(split), device, description=f"features {split}")
+                for split in ("train", "val", "test")}
+    dm.set_features(features)
+    return features
+
+
+@torch.no_grad()
+def split_scores(model: EncodingModel, features: torch.Tensor, targets: np.ndarray,
+                 batch: int = 1024) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Whole-split per-voxel r and R² of ``model`` on precomputed features; also the predictions."""
+    model.eval()
+    scores = VoxelScores(targets.shape[1])
+    preds = []
+    for start in range(0, len(features), batch):
+        pred = model(features[start:start + batch].to(model.device)).cpu()
+        scores.update(pred, torch.from_numpy(targets[start:start + batch]))
+        preds.append(pred)
+    return {k: v.numpy() for k, v in scores.compute().items()}, torch.cat(preds).numpy()
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
+              started: float) -> dict:
+    """Write metrics.json, voxel_metrics.npz, split.json, run.json, head.pt, predictions."""
+    per_split, metrics, predictions = {}, {}, {}
+    for split in ("val", "test"):
+        scores, pred = split_scores(model, features[split], dm.targets(split))
+        nc = noise_ceiling(dm.ncsnr(), noise_ceiling_k(dm.n_repeats(split)))
+        nc_r2 = nc_normalised_r2(scores["r2"], nc)
+        per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
+        metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
+        predictions[split] = pred
+    write_json(run_dir / "metrics.json", metrics)
+    write_voxel_metrics(run_dir / "voxel_metrics.npz", per_split, dm.data.voxel_xyz, dm.rois)
+    write_json(run_dir / "split.json", {"seed": int(cfg.seed), "subject": dm.subject, "id_base": 0,
+                                        **{s: ids for s, ids in dm.split_ids.items()}})
+    if cfg.get("save_predictions", True):
+        np.savez_compressed(run_dir / "predictions.npz",
+                            **{f"{s}_pred": p.astype(np.float32) for s, p in predictions.items()},
+                            **{f"{s}_true": dm.targets(s) for s in predictions},
+                            **{f"{s}_ids": dm.split_ids[s] for s in predictions})
+    torch.save({"head": model.head.state_dict(), "feature_mean": model.feature_mean.cpu(),
+                "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
+                "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers},
+               run_dir / "head.pt")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    write_json(run_dir / "run.json", {
+        "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
+        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
+        "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
+        "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+    })
+    return metrics
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Fit and test one encoder as configured; write the run directory; return metrics.json's content."""
+    started = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    backbone = instantiate(cfg.backbone)
+    features = precompute_features(backbone, dm, extraction_device(cfg))
+    head = instantiate(cfg.head)(n_features=backbone.n_features, n_voxels=dm.n_voxels)
+    model = EncodingModel(head, backbone.n_features, dm.n_voxels, backbone=backbone,
+                          optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+                          scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+    model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
+    trainer = build_trainer(cfg)
+    trainer.fit(model, datamodule=dm)
+    has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+    trainer.test(model, datamodule=dm, ckpt_path="best" if has_best else None, verbose=False)
+    metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started)
+    log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
+             metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
+    return metrics
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The DataError/WeightsError behind err (Hydra wraps errors raised while instantiating), if any."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__ or (err.__context__ if isinstance(err, InstantiationException) else None)
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+    split, _, key = str(cfg.optimized_metric).partition("/")
+    return metrics.get(split, {}).get(key)
+
+
+if __name__ == "__main__":
+    main()
