@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -124,8 +125,18 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
     return metrics
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Fit and test one encoder as configured; write the run directory; return metrics.json's content."""
+@dataclass
+class TrainResult:
+    """What one training run produced: metrics.json's content, the fitted model and its data."""
+
+    metrics: dict
+    model: EncodingModel
+    datamodule: object
+    run_dir: Path
+
+
+def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
+    """Fit and test one encoder as configured and write the run directory."""
     started = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -145,7 +156,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started)
     log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
              metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
-    return metrics
+    return TrainResult(metrics, model, dm, run_dir)
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -160,7 +171,7 @@ def user_error(err: BaseException) -> BaseException | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir)).metrics
     except Exception as err:
         cause = user_error(err)
         if cause is None:

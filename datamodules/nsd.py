@@ -156,7 +156,8 @@ class NSDDataModule(L.LightningDataModule):
     After ``setup()``: ``split_ids[split]`` (0-based 73k ids), ``targets(split)`` (n, n_voxels),
     ``rois`` (name -> bool (n_voxels,)), ``noise_ceiling(split)``. Serve images with
     ``set_transform(fn)`` or features with ``set_features({split: (n, n_features)})``.
-    shuffle_train_targets permutes train and val responses across images (a leakage control).
+    shuffle_train_targets permutes each voxel's train and val responses across images, independently
+    per voxel (a leakage control: test accuracy must then be at chance, voxel by voxel).
     """
 
     def __init__(self, root: str, subject: int = 1, sessions: Sequence[int] | None = None,
@@ -198,7 +199,8 @@ class NSDDataModule(L.LightningDataModule):
             rows = np.array([row[int(i)] for i in ids])
             responses = data.responses[rows]
             if self.shuffle_train_targets and split != "test":
-                responses = responses[rng.permutation(len(rows))]
+                responses = np.take_along_axis(responses, rng.permuted(
+                    np.broadcast_to(np.arange(len(rows))[:, None], responses.shape), axis=0), axis=0)
             self._responses[split] = np.ascontiguousarray(responses)
             self._repeats[split] = data.n_repeats[rows]
         self.data = data

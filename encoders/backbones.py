@@ -387,9 +387,17 @@ class FrozenBackbone(nn.Module):
         return param.device if param is not None else torch.device("cpu")
 
     # -- modes -----------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """Always False: a frozen backbone is in eval mode, whoever sets the flag (Lightning restores modes)."""
+        return False
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        pass
+
     def train(self, mode: bool = True) -> "FrozenBackbone":
-        """Sets the wrapper's flag only: the wrapped model stays in eval()."""
-        self.training = bool(mode)
+        """Frozen: the wrapper and the wrapped model stay in eval() whatever ``mode`` asks."""
         self.model.eval()
         return self
 

@@ -165,7 +165,7 @@ def test_frozen_in_train_mode(name):
     buffers = {k: v.clone() for k, v in bb.model.named_buffers()}
     assert any("running_mean" in k for k in buffers)
     try:
-        assert bb.train() is bb and bb.training
+        assert bb.train() is bb and not bb.training
         assert not any(m.training for m in bb.model.modules())
         x = images(name) * 3 + 1
         out = bb(x)

@@ -75,6 +75,20 @@ def test_shuffled_targets_leave_test_untouched(nsd):
     shuffled = NSDDataModule(str(root), roi_files=[], val_fraction=0.5, shuffle_train_targets=True)
     plain.setup(), shuffled.setup()
     np.testing.assert_array_equal(plain.targets("test"), shuffled.targets("test"))
+    a, b = plain.targets("train"), shuffled.targets("train")
+    np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))  # same values per voxel
+
+
+def test_shuffled_targets_permute_each_voxel_independently(synthetic_root):
+    dm = NSDDataModule(str(synthetic_root), roi_files=[], shuffle_train_targets=True)
+    dm.setup()
+    plain = NSDDataModule(str(synthetic_root), roi_files=[])
+    plain.setup()
+    a, b = plain.targets("train"), dm.targets("train")
+    order = [np.argsort(np.argsort(a[:, j])) for j in range(3)]
+    moved = [np.argsort(np.argsort(b[:, j])) for j in range(3)]
+    assert not np.array_equal(order[0], moved[0])
+    assert not np.array_equal(moved[0] - order[0], moved[1] - order[1])
 
 
 def test_preprocessing_helpers():
