@@ -18,11 +18,11 @@ from analyses.summary import find_runs, load_run, summary_rows, write_csv
 ANALYSES = ("summary",)
 
 
-def fmt(value) -> str:
+def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.{digits}f}"
     return str(value)
 
 
@@ -37,7 +37,7 @@ def run_summary(cfg: DictConfig, target: Path) -> None:
     for name in header[:main_cols]:
         table.add_column(name, justify="right" if name not in ("backbone", "head", "data") else "left")
     for row in rows:
-        table.add_row(*[fmt(v) for v in row[:main_cols]])
+        table.add_row(*[fmt(v, 1 if name == "wall_s" else 3) for name, v in zip(header, row[:main_cols])])
     console.print(table)
     if len(header) > main_cols:
         roi_table = Table(title=f"{cfg.analysis.split} mean r per ROI")

@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
+import train  # noqa: E402,F401  (registers the config resolvers, e.g. ${wandb_offline:})
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for 2 CPU cores, large enough for stable statistics (150 test images).

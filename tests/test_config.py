@@ -1,0 +1,42 @@
+"""Every config group composes; the W&B logger is offline by default and carries the grouping."""
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
+
+
+def test_backbone_configs_match_the_registry():
+    from encoders.backbones import list_backbones
+    assert set(BACKBONES) == set(list_backbones())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_composes(make_cfg, backbone):
+    cfg = make_cfg([f"backbone={backbone}", "data=nsd", "data.root=/somewhere"])
+    assert cfg.backbone.name == backbone
+    assert cfg.backbone.pretrained == (backbone not in ("tiny", "tiny_vit"))
+    assert make_cfg([f"backbone={backbone}", "experiment=demo"]).backbone.pretrained is False
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_heads_are_partials_completed_at_run_time(make_cfg, head):
+    cfg = make_cfg([f"head={head}"])
+    module = instantiate(cfg.head)(n_features=7, n_voxels=3)
+    import torch
+    assert module(torch.zeros(2, 7)).shape == (2, 3)
+
+
+def test_wandb_is_offline_without_a_key_and_grouped(make_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_cfg(["logger=wandb", "backbone=alexnet", "head=mlp"])
+    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.group == "synthetic"
+    assert list(cfg.logger.wandb.tags) == ["alexnet", "mlp", "synthetic", "subj1"]
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert make_cfg(["logger=wandb"]).logger.wandb.offline is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert make_cfg(["logger=wandb"]).logger.wandb.offline is True
