@@ -24,8 +24,10 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from datamodules.errors import DataError  # noqa: E402
+from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
 from encoders.extract import extract_features  # noqa: E402
+from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
 from encoders.model import EncodingModel  # noqa: E402
 from encoders.run_record import git_commit, package_versions, write_json, write_voxel_metrics  # noqa: E402
@@ -62,26 +64,55 @@ def extraction_device(cfg: DictConfig) -> str:
     return "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"
 
 
-def precompute_features(backbone, dm, device: str) -> dict[str, torch.Tensor]:
-    """One frozen-backbone pass per split; the datamodule then serves features, not images."""
+FEATURE_MODES = ("cached", "precompute", "online")
+
+
+def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Features per split, by ``cfg.features``; returns (features, what the run records about them).
+
+    cached: read from the on-disk cache (extracting once per key); precompute: one in-memory pass;
+    online: the datamodule serves images and the backbone runs in every step (only the train
+    features are extracted here, for the standardisation statistics and closed-form heads).
+    """
+    mode = str(cfg.features)
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"features must be one of {FEATURE_MODES}, got {mode!r}")
     dm.set_transform(backbone.transform)
-    features = {split: extract_features(backbone, dm.image_loader(split), device, description=f"features {split}")
-                for split in ("train", "val", "test")}
-    dm.set_features(features)
-    return features
+    info: dict = {"mode": mode}
+    if mode == "cached":
+        ids = np.unique(np.concatenate([dm.split_ids[s] for s in SPLITS]))
+        cache = FeatureCache(cfg.feature_cache_dir)
+        result = cache.load_or_build(backbone, ids, dm.stimulus_source(), dm.images_loader, device)
+        row = {int(i): k for k, i in enumerate(ids)}
+        features = {s: result.features[[row[int(i)] for i in dm.split_ids[s]]] for s in SPLITS}
+        info.update(cache_key=result.key, cache_file=str(result.path), cache_status=result.status)
+    elif mode == "precompute":
+        features = {s: extract_features(backbone, dm.image_loader(s), device, description=f"features {s}")
+                    for s in SPLITS}
+    else:
+        features = {"train": extract_features(backbone, dm.image_loader("train"), device, description="features train")}
+    if mode != "online":
+        dm.set_features(features)
+    return features, info
 
 
 @torch.no_grad()
-def split_scores(model: EncodingModel, features: torch.Tensor, targets: np.ndarray,
+def split_scores(model: EncodingModel, dm, split: str, features: torch.Tensor | None,
                  batch: int = 1024) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Whole-split per-voxel r and R² of ``model`` on precomputed features; also the predictions."""
+    """Whole-split per-voxel r and R² of ``model`` (from features, or images when there are none)."""
     model.eval()
+    targets = dm.targets(split)
     scores = VoxelScores(targets.shape[1])
-    preds = []
-    for start in range(0, len(features), batch):
-        pred = model(features[start:start + batch].to(model.device)).cpu()
-        scores.update(pred, torch.from_numpy(targets[start:start + batch]))
+    if features is not None:
+        inputs = (features[start:start + batch] for start in range(0, len(features), batch))
+    else:
+        inputs = (b["x"] for b in dm.image_loader(split))
+    preds, start = [], 0
+    for x in inputs:
+        pred = model(x.to(model.device)).cpu()
+        scores.update(pred, torch.from_numpy(targets[start:start + len(pred)]))
         preds.append(pred)
+        start += len(pred)
     return {k: v.numpy() for k, v in scores.compute().items()}, torch.cat(preds).numpy()
 
 
@@ -92,11 +123,11 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
-              started: float) -> dict:
+              started: float, feature_info: dict) -> dict:
     """Write metrics.json, voxel_metrics.npz, split.json, run.json, head.pt, predictions."""
     per_split, metrics, predictions = {}, {}, {}
     for split in ("val", "test"):
-        scores, pred = split_scores(model, features[split], dm.targets(split))
+        scores, pred = split_scores(model, dm, split, features.get(split))
         nc = noise_ceiling(dm.ncsnr(), noise_ceiling_k(dm.n_repeats(split)))
         nc_r2 = nc_normalised_r2(scores["r2"], nc)
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
@@ -115,10 +146,14 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
                 "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
                 "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers},
                run_dir / "head.pt")
+    if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
+        est = model.head.estimator
+        np.savez_compressed(run_dir / "ridge_cv.npz", alphas=est.alphas, best_alphas=est.best_alphas_,
+                            cv_scores=est.cv_scores_.astype(np.float32))
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     write_json(run_dir / "run.json", {
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
-        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
+        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(), "features": feature_info,
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
     })
@@ -143,17 +178,24 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = build_datamodule(cfg)
     backbone = instantiate(cfg.backbone)
-    features = precompute_features(backbone, dm, extraction_device(cfg))
+    features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
     head = instantiate(cfg.head)(n_features=backbone.n_features, n_voxels=dm.n_voxels)
     model = EncodingModel(head, backbone.n_features, dm.n_voxels, backbone=backbone,
                           optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
     model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
     trainer = build_trainer(cfg)
-    trainer.fit(model, datamodule=dm)
-    has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
-    trainer.test(model, datamodule=dm, ckpt_path="best" if has_best else None, verbose=False)
-    metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started)
+    if getattr(head, "closed_form", False):
+        # Closed form: solved on the training split (alphas by CV inside it), no epochs.
+        head.fit(model.features(features["train"]), dm.targets("train"))
+        trainer.validate(model, datamodule=dm, verbose=False)
+        trainer.test(model, datamodule=dm, verbose=False)
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    else:
+        trainer.fit(model, datamodule=dm)
+        has_best = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.best_model_path
+        trainer.test(model, datamodule=dm, ckpt_path="best" if has_best else None, verbose=False)
+    metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started, feature_info)
     log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
              metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
     return TrainResult(metrics, model, dm, run_dir)

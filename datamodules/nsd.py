@@ -118,18 +118,20 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
 
 
 class StimulusDataset(Dataset):
-    """Images by 0-based id through ``transform`` with their responses: item -> {"x", "y", "id"}."""
+    """Images by 0-based id through ``transform``: item -> {"x", "id"} (+ "y" with responses (n, n_voxels))."""
 
-    def __init__(self, brick: StimulusBrick, ids: np.ndarray, responses: np.ndarray,
-                 transform: Callable[[np.ndarray], torch.Tensor]):
+    def __init__(self, brick: StimulusBrick, ids: np.ndarray, transform: Callable[[np.ndarray], torch.Tensor],
+                 responses: np.ndarray | None = None):
         self.brick, self.ids, self.responses, self.transform = brick, ids, responses, transform
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.transform(self.brick.image(self.ids[i])),
-                "y": torch.from_numpy(self.responses[i]), "id": int(self.ids[i])}
+        item = {"x": self.transform(self.brick.image(self.ids[i])), "id": int(self.ids[i])}
+        if self.responses is not None:
+            item["y"] = torch.from_numpy(self.responses[i])
+        return item
 
 
 class FeatureDataset(Dataset):
@@ -236,14 +238,27 @@ class NSDDataModule(L.LightningDataModule):
         self.features = features
 
     def image_dataset(self, split: str) -> StimulusDataset:
+        """A split's images (through the encoder's transform) with their responses."""
+        return StimulusDataset(self._brick, self.split_ids[split], self._require_transform(), self._responses[split])
+
+    def _require_transform(self) -> Callable:
         if self.transform is None:
             raise RuntimeError("set_transform() first: the datamodule takes its transform from the encoder")
-        return StimulusDataset(self._brick, self.split_ids[split], self._responses[split], self.transform)
+        return self.transform
 
     def image_loader(self, split: str) -> DataLoader:
         """Images of a split in split_ids order (for feature extraction)."""
-        return DataLoader(self.image_dataset(split), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+        return self.images_loader(self.split_ids[split])
+
+    def images_loader(self, ids: np.ndarray) -> DataLoader:
+        """Images of any 0-based ids, in that order, without responses (for feature extraction)."""
+        return DataLoader(StimulusDataset(self._brick, np.asarray(ids), self._require_transform()),
+                          batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def stimulus_source(self) -> dict:
+        """Identity of the image file, for feature-cache keys: path, size and modification time."""
+        stat = self._brick.path.stat()
+        return {"file": str(self._brick.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.features is not None and split in self.features:

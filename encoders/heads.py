@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
+
+from encoders.ridge import DEFAULT_ALPHAS, RidgeCV
 
 
 class LinearHead(nn.Module):
@@ -53,3 +56,38 @@ class MLPHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.readout(self.hidden(features))
+
+
+class RidgeHead(nn.Module):
+    """Closed-form ridge with a per-voxel alpha (K-fold CV on the training set), as a linear head.
+
+    ``fit(features (n, n_features), targets (n, n_voxels))`` solves it; afterwards it predicts like
+    LinearHead. It has no trainable parameters: train.py fits it instead of running epochs.
+    Buffers: weight (n_voxels, n_features), bias (n_voxels,), best_alphas (n_voxels,).
+    """
+
+    closed_form = True
+
+    def __init__(self, n_features: int, n_voxels: int, alphas: Sequence[float] | None = None, cv: int = 5,
+                 score: str = "r2", shuffle_folds: bool = True, seed: int = 0, voxel_batch: int = 4096):
+        super().__init__()
+        self.estimator = RidgeCV(alphas=DEFAULT_ALPHAS if alphas is None else list(alphas), cv=cv, score=score,
+                                 shuffle=shuffle_folds, seed=seed, voxel_batch=voxel_batch)
+        self.register_buffer("weight", torch.zeros(n_voxels, n_features))
+        self.register_buffer("bias", torch.zeros(n_voxels))
+        self.register_buffer("best_alphas", torch.full((n_voxels,), float("nan"), dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, targets: torch.Tensor | np.ndarray) -> "RidgeHead":
+        """Choose each voxel's alpha by CV on these (training) samples, then fit on all of them."""
+        device = self.weight.device
+        est = self.estimator
+        est.device = str(device)
+        est.fit(features.to(device), torch.as_tensor(np.asarray(targets)).to(device))
+        self.weight.copy_(torch.from_numpy(est.coef_))
+        self.bias.copy_(torch.from_numpy(est.intercept_))
+        self.best_alphas.copy_(torch.from_numpy(est.best_alphas_))
+        return self
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight.T.to(features.dtype) + self.bias.to(features.dtype)

@@ -109,11 +109,13 @@ class _PrimalSolver:
             P_hat = U.T @ (xty_f - torch.outer(mu, sy_f) - torch.outer(f.sx, mu_y) + f.n * torch.outer(mu, mu_y))
             s_y = sy_f - f.n * mu_y
             s_yy = syy_f - 2 * mu_y * sy_f + f.n * mu_y ** 2
+            # The per-alpha products dominate the cost: float32 there (sums back in float64).
+            B32, P32, C32, sx32 = B_hat.float(), P_hat.float(), C_hat.float(), sx_hat.float()
             for a, alpha in enumerate(alphas):
-                W_hat = B_hat / (s + alpha)[:, None]
-                s_py = (W_hat * P_hat).sum(0)
-                s_pp = (W_hat * (C_hat @ W_hat)).sum(0)
-                s_p = sx_hat @ W_hat
+                W_hat = B32 * (1.0 / (s + alpha)).float()[:, None]
+                s_py = (W_hat * P32).sum(0, dtype=torch.float64)
+                s_pp = (W_hat * (C32 @ W_hat)).sum(0, dtype=torch.float64)
+                s_p = (sx32 @ W_hat).double()
                 total[a] += score_from_sums(score, f.n, s_py, s_pp, s_p, s_y, s_yy)
         return total / len(self.folds)
 

@@ -34,8 +34,9 @@ def make_cfg(tmp_path):
 
     def _make(overrides=(), run_dir: Path | None = None):
         GlobalHydra.instance().clear()
+        overrides = [f"feature_cache_dir={tmp_path / 'feature_cache'}", *overrides]
         with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-            cfg = compose(config_name="train", return_hydra_config=True, overrides=list(overrides))
+            cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
         run_dir = run_dir or tmp_path / "run"
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)

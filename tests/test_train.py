@@ -137,7 +137,7 @@ def run_cli(*args, cwd=REPO):
 def test_cli_train_then_summary(synthetic_root, tmp_path):
     run_dir = tmp_path / "cli_run"
     proc = run_cli("train.py", *FAST, "trainer.max_epochs=3", *data_overrides(synthetic_root),
-                   f"hydra.run.dir={run_dir}")
+                   f"hydra.run.dir={run_dir}", f"feature_cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "metrics.json").exists() and (run_dir / ".hydra" / "config.yaml").exists()
     proc = run_cli("analyze.py", "analysis=summary", f"run_dir={run_dir}")
