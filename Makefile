@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 demo: setup
 	$(PY) -m datamodules.synthetic --out data/synthetic_nsd --if-missing
-	$(PY) train.py -m experiment=demo backbone=tiny,alexnet hydra.sweep.dir=$(DEMO_DIR)
+	$(PY) train.py -m experiment=demo backbone=tiny,alexnet head=linear,ridge hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) analyze.py analysis=summary sweep_dir=$(DEMO_DIR)
 
 test: setup

@@ -34,7 +34,13 @@ from encoders.run_record import git_commit, package_versions, write_json, write_
 from encoders.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("brainprobe.train")
-USER_ERRORS = (DataError, WeightsError)
+
+
+class ConfigError(ValueError):
+    """A config value train.py cannot use; the message names the key."""
+
+
+USER_ERRORS = (DataError, WeightsError, ConfigError)
 
 
 def wandb_offline() -> bool:
@@ -76,7 +82,7 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
     """
     mode = str(cfg.features)
     if mode not in FEATURE_MODES:
-        raise ValueError(f"features must be one of {FEATURE_MODES}, got {mode!r}")
+        raise ConfigError(f"features must be one of {FEATURE_MODES}, got {mode!r}")
     dm.set_transform(backbone.transform)
     info: dict = {"mode": mode}
     if mode == "cached":
@@ -202,10 +208,13 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
 
 
 def user_error(err: BaseException) -> BaseException | None:
-    """The DataError/WeightsError behind err (Hydra wraps errors raised while instantiating), if any."""
+    """The user-facing error behind err, if any: a DataError/WeightsError/ConfigError, or a
+    ValueError raised while Hydra instantiated a config (a bad value such as an unknown layer)."""
+    wrapped = False
     while err is not None:
-        if isinstance(err, USER_ERRORS):
+        if isinstance(err, USER_ERRORS) or (wrapped and isinstance(err, ValueError)):
             return err
+        wrapped = wrapped or isinstance(err, InstantiationException)
         err = err.__cause__ or (err.__context__ if isinstance(err, InstantiationException) else None)
     return None
 

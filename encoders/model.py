@@ -6,6 +6,7 @@ it is kept (frozen) so the checkpoint describes the whole encoder.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -13,6 +14,9 @@ import torch
 from torch import nn
 
 from encoders.metrics import VoxelScores
+
+# The frozen backbone is in eval mode on purpose; Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]

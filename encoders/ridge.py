@@ -59,26 +59,20 @@ class FoldStats:
     xtx: torch.Tensor
 
 
-def _fold_stats(X: torch.Tensor, folds: list[np.ndarray]) -> list[FoldStats]:
-    out = []
-    for idx in folds:
-        Xf = X[idx].double()
-        out.append(FoldStats(len(idx), Xf.sum(0), Xf.T @ Xf))
-    return out
-
-
 class _PrimalSolver:
     """Per-fold eigendecompositions of the centred training XᵀX (d × d), shared by all voxel batches."""
 
     def __init__(self, X: torch.Tensor, folds: list[np.ndarray]):
-        self.X, self.folds = X, folds
-        self.stats = _fold_stats(X, folds)
+        self.folds = folds
+        self.X_folds = [X[idx].double() for idx in folds]
+        self.stats = [FoldStats(len(idx), Xf.sum(0), Xf.T @ Xf) for idx, Xf in zip(folds, self.X_folds)]
         self.n = sum(s.n for s in self.stats)
         self.sx = sum(s.sx for s in self.stats)
         self.xtx = sum(s.xtx for s in self.stats)
         self.fold_eig = [self._eig(k) for k in range(len(folds))]
         mu = self.sx / self.n
-        self.full_eig = torch.linalg.eigh(self.xtx - self.n * torch.outer(mu, mu)) + (mu,)
+        s_full, U_full = torch.linalg.eigh(self.xtx - self.n * torch.outer(mu, mu))
+        self.full_eig = (s_full.clamp(min=0), U_full, mu)
 
     def _eig(self, k: int):
         """Eigenbasis U, eigenvalues s of fold k's centred training XᵀX, its held-out Ĉ and ŝ."""
@@ -89,44 +83,41 @@ class _PrimalSolver:
         s, U = torch.linalg.eigh(c_tr)
         # Held-out scatter around the *training* mean: Σ (x - mu)(x - mu)ᵀ over the fold.
         c_f = f.xtx - torch.outer(mu, f.sx) - torch.outer(f.sx, mu) + f.n * torch.outer(mu, mu)
-        return U, s.clamp(min=0), U.T @ c_f @ U, U.T @ (f.sx - f.n * mu), mu
+        return U, s.clamp(min=0), (U.T @ c_f @ U).float(), U.T @ (f.sx - f.n * mu), mu
 
-    def cv_scores(self, Y: torch.Tensor, alphas: torch.Tensor, score: str) -> torch.Tensor:
-        """Mean held-out score over folds, (n_alphas, n_voxels_batch), for a voxel batch Y (n, vb)."""
-        Yd = Y.double()
+    def solve(self, Y: torch.Tensor, alphas: torch.Tensor, score: str):
+        """For a voxel batch Y (n, vb): mean held-out scores (n_alphas, vb), then the refit at each
+        voxel's best alpha: weights (d, vb), intercepts (vb,), best alpha index (vb,)."""
         per_fold = []
-        for idx in self.folds:
-            Yf, Xf = Yd[idx], self.X[idx].double()
+        for idx, Xf in zip(self.folds, self.X_folds):
+            Yf = Y[idx].double()
             per_fold.append((Xf.T @ Yf, Yf.sum(0), (Yf * Yf).sum(0)))
         xty = sum(p[0] for p in per_fold)
         sy = sum(p[1] for p in per_fold)
         total = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64, device=Y.device)
-        for k, (f, (U, s, C_hat, sx_hat, mu)) in enumerate(zip(self.stats, self.fold_eig)):
-            xty_f, sy_f, syy_f = per_fold[k]
+        for (f, (U, s, C32, sx_hat, mu)), (xty_f, sy_f, syy_f) in zip(zip(self.stats, self.fold_eig), per_fold):
             n_tr = self.n - f.n
             mu_y = (sy - sy_f) / n_tr
             B_hat = U.T @ ((xty - xty_f) - n_tr * torch.outer(mu, mu_y))
             P_hat = U.T @ (xty_f - torch.outer(mu, sy_f) - torch.outer(f.sx, mu_y) + f.n * torch.outer(mu, mu_y))
+            inv = 1.0 / (s[:, None] + alphas[None, :])  # (d, n_alphas)
+            # Terms linear in W are cheap for all alphas at once: (vb, d) @ (d, n_alphas).
+            s_py = ((P_hat * B_hat).T @ inv).T
+            s_p = ((sx_hat[:, None] * B_hat).T @ inv).T
+            # The quadratic term needs Ĉ·W per alpha: the cost centre, in float32.
+            B32, inv32 = B_hat.float(), inv.float()
+            s_pp = torch.stack([torch.linalg.vecdot(W, C32 @ W, dim=0)
+                                for W in (B32 * inv32[:, a:a + 1] for a in range(len(alphas)))]).double()
             s_y = sy_f - f.n * mu_y
             s_yy = syy_f - 2 * mu_y * sy_f + f.n * mu_y ** 2
-            # The per-alpha products dominate the cost: float32 there (sums back in float64).
-            B32, P32, C32, sx32 = B_hat.float(), P_hat.float(), C_hat.float(), sx_hat.float()
-            for a, alpha in enumerate(alphas):
-                W_hat = B32 * (1.0 / (s + alpha)).float()[:, None]
-                s_py = (W_hat * P32).sum(0, dtype=torch.float64)
-                s_pp = (W_hat * (C32 @ W_hat)).sum(0, dtype=torch.float64)
-                s_p = (sx32 @ W_hat).double()
-                total[a] += score_from_sums(score, f.n, s_py, s_pp, s_p, s_y, s_yy)
-        return total / len(self.folds)
-
-    def fit(self, Y: torch.Tensor, best_alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights (d, vb) and intercepts (vb,) on all samples with a per-voxel alpha (vb,)."""
-        s, U, mu = self.full_eig
-        Yd = Y.double()
-        mu_y = Yd.mean(0)
-        B_hat = U.T @ (self.X.double().T @ Yd - self.n * torch.outer(mu, mu_y))
-        W = U @ (B_hat / (s.clamp(min=0)[:, None] + best_alphas[None, :]))
-        return W, mu_y - mu @ W
+            total += score_from_sums(score, f.n, s_py, s_pp, s_p, s_y, s_yy)
+        scores = total / len(self.folds)
+        best = torch.nan_to_num(scores, nan=-torch.inf).argmax(0)
+        s_full, U_full, mu = self.full_eig
+        mu_y = sy / self.n
+        B_hat = U_full.T @ (xty - self.n * torch.outer(mu, mu_y))
+        W = U_full @ (B_hat / (s_full[:, None] + alphas[best][None, :]))
+        return scores, W, mu_y - mu @ W, best
 
 
 class _DualSolver:
@@ -162,13 +153,16 @@ class _DualSolver:
                                             pred.sum(0), s_y, s_yy)
         return total / len(self.folds)
 
-    def fit(self, Y: torch.Tensor, best_alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def solve(self, Y: torch.Tensor, alphas: torch.Tensor, score: str):
+        """As _PrimalSolver.solve, through n × n kernels."""
+        scores = self.cv_scores(Y, alphas, score)
+        best = torch.nan_to_num(scores, nan=-torch.inf).argmax(0)
         lam, V, Xc = self.full_eig
         Yd = Y.double()
         mu_y = Yd.mean(0)
-        dual = V @ ((V.T @ (Yd - mu_y)) / (lam[:, None] + best_alphas[None, :]))
+        dual = V @ ((V.T @ (Yd - mu_y)) / (lam[:, None] + alphas[best][None, :]))
         W = Xc.T @ dual
-        return W, mu_y - self.mu @ W
+        return scores, W, mu_y - self.mu @ W, best
 
 
 class RidgeCV:
@@ -212,10 +206,7 @@ class RidgeCV:
         self.intercept_ = np.empty(n_vox, dtype=np.float32)
         for start in range(0, n_vox, self.voxel_batch):
             sl = slice(start, min(start + self.voxel_batch, n_vox))
-            Yb = Y[:, sl]
-            scores = engine.cv_scores(Yb, alphas, self.score_name)
-            best = torch.nan_to_num(scores, nan=-torch.inf).argmax(0)
-            W, b = engine.fit(Yb, alphas[best])
+            scores, W, b, best = engine.solve(Y[:, sl], alphas, self.score_name)
             self.cv_scores_[:, sl] = scores.cpu().numpy()
             self.best_alphas_[sl] = alphas[best].cpu().numpy()
             self.coef_[sl] = W.T.float().cpu().numpy()
