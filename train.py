@@ -81,8 +81,6 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
     features are extracted here, for the standardisation statistics and closed-form heads).
     """
     mode = str(cfg.features)
-    if mode not in FEATURE_MODES:
-        raise ConfigError(f"features must be one of {FEATURE_MODES}, got {mode!r}")
     dm.set_transform(backbone.transform)
     info: dict = {"mode": mode}
     if mode == "cached":
@@ -182,8 +180,10 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if str(cfg.features) not in FEATURE_MODES:
+        raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
+    backbone = instantiate(cfg.backbone)  # before the data: a weights problem shows in seconds
     dm = build_datamodule(cfg)
-    backbone = instantiate(cfg.backbone)
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
     head = instantiate(cfg.head)(n_features=backbone.n_features, n_voxels=dm.n_voxels)
     model = EncodingModel(head, backbone.n_features, dm.n_voxels, backbone=backbone,

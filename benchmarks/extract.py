@@ -57,14 +57,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=192)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the pipeline (data.num_workers)")
     p.add_argument("--data", default=str(REPO / "data" / "synthetic_nsd"))
     args = p.parse_args()
     root = ensure_synthetic(args.data)
-    dm = NSDDataModule(str(root), subject=1, batch_size=args.batch, roi_files=[])
+    dm = NSDDataModule(str(root), subject=1, batch_size=args.batch, roi_files=[], num_workers=args.workers)
     dm.setup()
     ids = np.sort(np.concatenate(list(dm.split_ids.values())))[: args.images]
     print(f"{args.images} images (425 px, from HDF5), batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats")
+          f"{args.workers} loader workers, {args.repeats} repeats")
     for name in args.backbones:
         backbone = build_backbone(name)
         dm.set_transform(backbone.transform)

@@ -128,6 +128,12 @@ def _font(px: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _random_centre(rng: np.random.Generator, n: int, rx: float, ry: float, half_span: float) -> tuple[float, float]:
+    """A centre (x, y) in pixels keeping an rx × ry shape within half_span of the image middle."""
+    return (n * rng.uniform(0.5 - half_span + rx / n, 0.5 + half_span - rx / n),
+            n * rng.uniform(0.5 - half_span + ry / n, 0.5 + half_span - ry / n))
+
+
 # --------------------------------------------------------------------------- categories
 def _draw_face(img: Image.Image, rng: np.random.Generator, s: float) -> None:
     """Skin-toned head ellipse with hair, eyes, brows, nose and mouth."""
@@ -135,7 +141,7 @@ def _draw_face(img: Image.Image, rng: np.random.Generator, s: float) -> None:
     d = ImageDraw.Draw(img)
     ry = n * (0.18 + 0.22 * s)
     rx = ry * rng.uniform(0.68, 0.82)
-    cx, cy = n * rng.uniform(0.5 - 0.45 + rx / n, 0.5 + 0.45 - rx / n), n * rng.uniform(0.5 - 0.45 + ry / n, 0.5 + 0.45 - ry / n)
+    cx, cy = _random_centre(rng, n, rx, ry, half_span=0.45)
     skin = _jitter(SKIN_TONES[rng.integers(len(SKIN_TONES))], rng)
     hair = _colour(rng, 0, 120)
     if rng.random() < 0.8:
@@ -256,7 +262,7 @@ def _draw_food(img: Image.Image, rng: np.random.Generator, s: float) -> None:
     d = ImageDraw.Draw(img)
     rx = n * (0.2 + 0.25 * s)
     ry = rx * rng.uniform(0.55, 0.95)
-    cx, cy = n * rng.uniform(0.5 - 0.48 + rx / n, 0.5 + 0.48 - rx / n), n * rng.uniform(0.5 - 0.48 + ry / n, 0.5 + 0.48 - ry / n)
+    cx, cy = _random_centre(rng, n, rx, ry, half_span=0.48)
     plate = _colour(rng, 200, 256)
     _ellipse(d, cx + rx * 0.04, cy + ry * 0.06, rx, ry, fill=(70, 70, 70))  # shadow
     _ellipse(d, cx, cy, rx, ry, fill=plate, outline=(150, 150, 150), width=max(1, n // 150))

@@ -72,14 +72,22 @@ def r2_score(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor) -
     return _scores(pred, true)["r2"]
 
 
-def _scores(pred, true) -> dict[str, np.ndarray]:
+def _scores(pred, true, voxel_batch: int = 8192) -> dict[str, np.ndarray]:
+    """r and R² per column, in batches of columns so float64 copies stay small at 100k+ voxels."""
     pred_t = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred)
     true_t = torch.as_tensor(np.asarray(true) if not torch.is_tensor(true) else true)
     if pred_t.ndim == 1:
         pred_t, true_t = pred_t[:, None], true_t[:, None]
-    metric = VoxelScores(pred_t.shape[1])
-    metric.update(pred_t, true_t)
-    return {k: v.cpu().numpy() for k, v in metric.compute().items()}
+    if pred_t.shape != true_t.shape:
+        raise ValueError(f"pred {tuple(pred_t.shape)} and true {tuple(true_t.shape)} must have the same shape")
+    out: dict[str, list[np.ndarray]] = {"r": [], "r2": []}
+    for start in range(0, pred_t.shape[1], voxel_batch):
+        sl = slice(start, start + voxel_batch)
+        metric = VoxelScores(pred_t[:, sl].shape[1])
+        metric.update(pred_t[:, sl], true_t[:, sl])
+        for k, v in metric.compute().items():
+            out[k].append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def noise_ceiling_k(n_repeats: np.ndarray) -> float:
