@@ -15,7 +15,6 @@ from rich.table import Table
 
 from analyses.summary import find_runs, load_run, summary_rows, write_csv
 
-ANALYSES = ("summary",)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -51,6 +50,13 @@ def run_summary(cfg: DictConfig, target: Path) -> None:
     console.print(f"wrote {target / 'summary.csv'}")
 
 
+# analysis name -> function(cfg, target directory). Each analysis has a conf/analysis/<name>.yaml
+# whose `name` is its key here; user errors are raised as FileNotFoundError or ValueError.
+ANALYSES = {
+    "summary": run_summary,
+}
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
 def main(cfg: DictConfig) -> None:
     target = cfg.sweep_dir or cfg.run_dir
@@ -62,8 +68,8 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr)
         sys.exit(2)
     try:
-        run_summary(cfg, Path(target))
-    except FileNotFoundError as err:
+        ANALYSES[cfg.analysis.name](cfg, Path(target))
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
