@@ -1,18 +1,36 @@
-"""Readers for the Natural Scenes Dataset files exactly as NSD ships them.
+"""Readers for the Natural Scenes Dataset files exactly as NSD ships them, in every beta space.
 
-Layout under ``root`` (the NSD bucket layout; XX = subject, NN = session):
-  nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5              imgBrick (73000, 425, 425, 3) uint8
-  nsddata/experiments/nsd/nsd_expdesign.mat                 masterordering, subjectim, sharedix (1-based)
-  nsddata/ppdata/subjXX/func1pt8mm/roi/<name>.nii.gz        (X, Y, Z) int: -1 outside, 0 unlabelled, k >= 1
-  nsddata/freesurfer/subjXX/label/<name>.mgz.ctab           "k name" label tables
-  nsddata_betas/ppdata/subjXX/func1pt8mm/betas_fithrf_GLMdenoise_RR/
-      betas_sessionNN.hdf5   betas (trials, Z, Y, X) int16 = % signal change × 300 (axes reversed vs NIfTI)
-      ncsnr.nii.gz           (X, Y, Z) float
-Every failure is a DataError whose message names the file or key.
+Layout under ``root`` (the NSD bucket layout; XX = subject, NN = session, <space> one of SPACES):
+  nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5           imgBrick (73000, 425, 425, 3) uint8
+  nsddata/experiments/nsd/nsd_expdesign.mat              masterordering, subjectim, sharedix (1-based)
+  nsddata_betas/ppdata/subjXX/<space>/betas_fithrf_GLMdenoise_RR/
+      volumes (func1pt8mm, func1mm):
+        betas_sessionNN.hdf5     'betas' (trials, Z, Y, X) int16 = % signal change × 300 (axes reversed vs NIfTI)
+        betas_sessionNN.nii.gz   (X, Y, Z, trials) int16 × 300
+        ncsnr.nii.gz             (X, Y, Z) float
+      nativesurface:
+        {lh,rh}.betas_sessionNN.hdf5   'betas' (trials, vertices) int16 × 300
+        {lh,rh}.ncsnr.mgh              (vertices, 1, 1) float
+      fsaverage:
+        {lh,rh}.betas_sessionNN.mgh    (163842, 1, 1, trials) float32, already % signal change
+        {lh,rh}.ncsnr.mgh              (163842, 1, 1) float
+  ROI label files (-1 outside cortex/brain, 0 unlabelled, k >= 1 label k):
+      volumes        nsddata/ppdata/subjXX/<space>/roi/<name>.nii.gz            (X, Y, Z)
+      nativesurface  nsddata/freesurfer/subjXX/label/{lh,rh}.<name>.mgz         (vertices, 1, 1)
+      fsaverage      nsddata/freesurfer/fsaverage/label/{lh,rh}.<name>.mgz      (163842, 1, 1)
+  label tables "k name": nsddata/freesurfer/{subjXX,fsaverage}/label/<name>.mgz.ctab
+
+Betas stored as integers are % signal change × 300 and are divided by 300 (NSD's convention);
+betas stored as floats (fsaverage .mgh) are used as they are.
+
+Positions ("locations") are (n, 3) NIfTI (x, y, z) indices for volumes and (n, 2) [hemisphere
+(0 = lh, 1 = rh), vertex] for surfaces. A surface's label grid is the lh values followed by the rh
+values, (n_lh + n_rh,). Every failure is a DataError whose message names the file, key or shape.
 """
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +43,17 @@ from datamodules.errors import DataError
 
 BETA_SCALE = 300.0
 BETAS_DIR = "betas_fithrf_GLMdenoise_RR"
+VOLUME_SPACES = ("func1pt8mm", "func1mm")
+SURFACE_SPACES = ("nativesurface", "fsaverage")
+SPACES = VOLUME_SPACES + SURFACE_SPACES
+HEMISPHERES = ("lh", "rh")
+# The file formats NSD ships per space; the first is the default.
+BETA_FORMATS = {"func1pt8mm": ("hdf5", "nifti"), "func1mm": ("hdf5", "nifti"),
+                "nativesurface": ("hdf5",), "fsaverage": ("mgh",)}
+SUFFIX = {"hdf5": ".hdf5", "nifti": ".nii.gz", "mgh": ".mgh"}
+READ_BUDGET = 64 * 2**20  # bytes of file data read at once (per slab / block of trials)
+# What readers of corrupt files raise (h5py: OSError; nibabel: ImageFileError (a ValueError), EOFError, zlib.error).
+READ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, zlib.error, nib.filebasedimages.ImageFileError)
 
 # NSD's label tables, used where a .ctab file is not present.
 DEFAULT_LABELS: dict[str, dict[int, str]] = {
@@ -41,10 +70,31 @@ DEFAULT_LABELS: dict[str, dict[int, str]] = {
 
 @dataclass(frozen=True)
 class NSDPaths:
-    """Where one subject's files live under an NSD root."""
+    """Where one subject's files live under an NSD root, for one beta space and file format.
+
+    space: one of SPACES; beta_format: one of BETA_FORMATS[space] (None = the space's first).
+    Raises ValueError for an unknown space or a format the space does not ship.
+    """
 
     root: Path
     subject: int
+    space: str = "func1pt8mm"
+    beta_format: str | None = None
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ValueError(f"data.space must be one of {list(SPACES)}, got {self.space!r}")
+        formats = BETA_FORMATS[self.space]
+        fmt = formats[0] if self.beta_format is None else self.beta_format
+        if fmt not in formats:
+            raise ValueError(f"data.beta_format={fmt!r} does not exist for space {self.space}: "
+                             f"NSD ships {list(formats)} there")
+        object.__setattr__(self, "beta_format", fmt)
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def surface(self) -> bool:
+        return self.space in SURFACE_SPACES
 
     @property
     def subj(self) -> str:
@@ -60,29 +110,55 @@ class NSDPaths:
 
     @property
     def betas_dir(self) -> Path:
-        return self.root / "nsddata_betas/ppdata" / self.subj / "func1pt8mm" / BETAS_DIR
+        return self.root / "nsddata_betas/ppdata" / self.subj / self.space / BETAS_DIR
 
-    def betas(self, session: int) -> Path:
-        return self.betas_dir / f"betas_session{session:02d}.hdf5"
+    def betas(self, session: int, hemi: str | None = None) -> Path:
+        """The betas file of a 1-based session (surfaces: of one hemisphere, default lh)."""
+        name = f"betas_session{session:02d}{SUFFIX[self.beta_format]}"
+        return self.betas_dir / (f"{hemi or 'lh'}.{name}" if self.surface else name)
+
+    def betas_files(self, session: int) -> list[Path]:
+        """Every file holding a session's betas: [volume] or [lh, rh]."""
+        return [self.betas(session, h) for h in HEMISPHERES] if self.surface else [self.betas(session)]
 
     @property
     def ncsnr(self) -> Path:
-        return self.betas_dir / "ncsnr.nii.gz"
+        """The ncsnr file (surfaces: lh; see ncsnr_files)."""
+        return self.ncsnr_files()[0]
 
-    def roi(self, name: str) -> Path:
-        return self.root / "nsddata/ppdata" / self.subj / "func1pt8mm/roi" / f"{name}.nii.gz"
+    def ncsnr_files(self) -> list[Path]:
+        if self.surface:
+            return [self.betas_dir / f"{h}.ncsnr.mgh" for h in HEMISPHERES]
+        return [self.betas_dir / "ncsnr.nii.gz"]
+
+    @property
+    def label_dir(self) -> Path:
+        """FreeSurfer label folder of this space (surface ROIs and .ctab tables)."""
+        who = "fsaverage" if self.space == "fsaverage" else self.subj
+        return self.root / "nsddata/freesurfer" / who / "label"
+
+    def roi(self, name: str, hemi: str | None = None) -> Path:
+        """An ROI file (surfaces: of one hemisphere, default lh)."""
+        if self.surface:
+            return self.label_dir / f"{hemi or 'lh'}.{name}.mgz"
+        return self.root / "nsddata/ppdata" / self.subj / self.space / "roi" / f"{name}.nii.gz"
+
+    def roi_files(self, name: str) -> list[Path]:
+        return [self.roi(name, h) for h in HEMISPHERES] if self.surface else [self.roi(name)]
 
     def ctab(self, name: str) -> Path:
-        return self.root / "nsddata/freesurfer" / self.subj / "label" / f"{name}.mgz.ctab"
+        return self.label_dir / f"{name}.mgz.ctab"
 
     def sessions(self) -> list[int]:
-        """Session numbers with a betas file on disk, sorted."""
+        """Session numbers with a betas file on disk (surfaces: an lh file), sorted."""
         if not self.betas_dir.is_dir():
             raise DataError(f"{self.betas_dir}: betas folder not found for {self.subj}")
-        found = sorted(int(m.group(1)) for p in self.betas_dir.iterdir()
-                       if (m := re.fullmatch(r"betas_session(\d+)\.hdf5", p.name)))
+        prefix = r"lh\." if self.surface else ""
+        pattern = re.compile(prefix + r"betas_session(\d+)" + re.escape(SUFFIX[self.beta_format]))
+        found = sorted(int(m.group(1)) for p in self.betas_dir.iterdir() if (m := pattern.fullmatch(p.name)))
         if not found:
-            raise DataError(f"{self.betas_dir}: no betas_sessionNN.hdf5 files for {self.subj}")
+            example = self.betas(1).name.replace("01", "NN")
+            raise DataError(f"{self.betas_dir}: no {example} files for {self.subj}")
         return found
 
 
@@ -93,6 +169,83 @@ def require(path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- layouts and locations
+@dataclass(frozen=True)
+class Layout:
+    """The grid voxels or vertices live on: a volume (X, Y, Z) or two hemispheres (n_lh, n_rh).
+
+    ``source`` names the file(s) that defined it, for error messages.
+    """
+
+    shape: tuple[int, ...]
+    surface: bool
+    source: str
+
+    def locations(self, mask: np.ndarray) -> np.ndarray:
+        """Positions where a grid-shaped bool mask is set: (n, 3) (x, y, z) or (n, 2) [hemi, vertex], sorted."""
+        if not self.surface:
+            return np.argwhere(mask)
+        idx = np.flatnonzero(mask)
+        hemi = (idx >= self.shape[0]).astype(np.int64)
+        return np.stack([hemi, idx - hemi * self.shape[0]], axis=1)
+
+    def values(self, grid: np.ndarray, locs: np.ndarray) -> np.ndarray:
+        """A grid's values at positions locs -> (n,)."""
+        if not self.surface:
+            return grid[locs[:, 0], locs[:, 1], locs[:, 2]]
+        return grid[locs[:, 0] * self.shape[0] + locs[:, 1]]
+
+    def check(self, other: "Layout") -> None:
+        """DataError unless other has the same shape (files of one space must agree)."""
+        if other.shape != self.shape:
+            what = "hemisphere vertex counts (lh, rh)" if self.surface else "volume (X, Y, Z)"
+            raise DataError(f"{other.source}: {what} = {other.shape}, but {self.source} has {self.shape}; "
+                            f"every file of one space must have the same shape")
+
+
+def _load_image(path: Path, what: str):
+    """nibabel image of an existing file, or DataError naming it."""
+    require(path)
+    try:
+        return nib.load(path)
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read as {what} ({err})") from None
+
+
+def _read_array(path: Path, what: str, dtype=None) -> np.ndarray:
+    """Whole data array of a small NIfTI/MGH file (ROI, ncsnr)."""
+    img = _load_image(path, what)
+    try:
+        return np.asarray(img.dataobj, dtype=dtype)
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the data of this {what} file ({err})") from None
+
+
+def _surface_vector(path: Path, dtype=None) -> np.ndarray:
+    """A per-vertex MGH/MGZ file (vertices, 1, 1[, 1]) -> (vertices,)."""
+    data = _read_array(path, "MGH/MGZ", dtype)
+    if data.ndim < 1 or int(np.prod(data.shape[1:])) != 1:
+        raise DataError(f"{path}: shape {data.shape}, expected (vertices, 1, 1) with one value per vertex")
+    return data.reshape(-1)
+
+
+def read_grid(paths: NSDPaths, files: list[Path], dtype=None) -> tuple[np.ndarray, Layout]:
+    """A per-position file of this space (ROI or ncsnr) -> (grid, layout).
+
+    Volumes: one NIfTI -> (X, Y, Z). Surfaces: [lh, rh] MGH/MGZ -> (n_lh + n_rh,).
+    """
+    if not paths.surface:
+        grid = _read_array(files[0], "NIfTI", dtype)
+        if grid.ndim == 4 and grid.shape[3] == 1:
+            grid = grid[..., 0]
+        if grid.ndim != 3:
+            raise DataError(f"{files[0]}: shape {grid.shape}, expected a 3-D volume (X, Y, Z)")
+        return grid, Layout(tuple(int(n) for n in grid.shape), False, str(files[0]))
+    parts = [_surface_vector(f, dtype) for f in files]
+    return np.concatenate(parts), Layout(tuple(len(p) for p in parts), True, f"{files[0]} (+ {files[1].name})")
+
+
+# --------------------------------------------------------------------------- design
 @dataclass(frozen=True)
 class ExpDesign:
     """nsd_expdesign.mat, converted to 0-based arrays.
@@ -107,6 +260,13 @@ class ExpDesign:
     sharedix: np.ndarray
     path: Path
 
+    def check_session_length(self, n_trials: int, betas_file: Path, shape: tuple) -> None:
+        """DataError unless the design's trials split into whole sessions of n_trials."""
+        if n_trials < 1 or self.masterordering.size % n_trials:
+            raise DataError(f"{betas_file}: betas shape {shape} has {n_trials} trials per session, but the "
+                            f"design ({self.path.name}, masterordering: {self.masterordering.size} trials) is not a "
+                            f"whole number of {n_trials}-trial sessions")
+
     def trial_stimuli(self, subject: int, session: int, n_trials: int) -> np.ndarray:
         """0-based 73k ids shown in the n_trials trials of a 1-based session, (n_trials,)."""
         start = (session - 1) * n_trials
@@ -116,6 +276,14 @@ class ExpDesign:
         if not 1 <= subject <= self.subjectim.shape[0]:
             raise DataError(f"{self.path}: subjectim has {self.subjectim.shape[0]} subjects, no subject {subject}")
         return self.subjectim[subject - 1, self.masterordering[start:start + n_trials]]
+
+    def presentation_counts(self, subject: int, n_sessions: int, n_trials: int, ids: np.ndarray) -> np.ndarray:
+        """How often each of ``ids`` (0-based 73k) is shown to a subject in its first n_sessions sessions."""
+        n = min(n_sessions * n_trials, self.masterordering.size)
+        shown = self.subjectim[subject - 1, self.masterordering[:n]]
+        values, counts = np.unique(shown, return_counts=True)
+        lookup = dict(zip(values.tolist(), counts.tolist()))
+        return np.array([lookup.get(int(i), 0) for i in ids], dtype=np.int64)
 
 
 def read_expdesign(path: Path) -> ExpDesign:
@@ -131,26 +299,47 @@ def read_expdesign(path: Path) -> ExpDesign:
         if key not in mat:
             raise DataError(f"{path}: key '{key}' missing (found {sorted(k for k in mat if not k.startswith('__'))})")
         arrays[key] = np.asarray(mat[key])
+        if arrays[key].size == 0:
+            raise DataError(f"{path}: key '{key}' is empty")
     master = arrays["masterordering"].astype(np.int64).ravel() - 1
     subjectim = np.atleast_2d(arrays["subjectim"]).astype(np.int64) - 1
     shared = arrays["sharedix"].astype(np.int64).ravel() - 1
     if master.min() < 0 or master.max() >= subjectim.shape[1]:
-        raise DataError(f"{path}: masterordering values must lie in 1..{subjectim.shape[1]} (subjectim columns)")
+        raise DataError(f"{path}: masterordering values must lie in 1..{subjectim.shape[1]} (subjectim columns), "
+                        f"found {master.min() + 1}..{master.max() + 1}")
+    for key, ids in (("subjectim", subjectim), ("sharedix", shared)):
+        if ids.min() < 0:
+            raise DataError(f"{path}: '{key}' holds stimulus id {ids.min() + 1}; 73k ids are 1-based (>= 1)")
     return ExpDesign(master, subjectim, shared, path)
 
 
-def read_labels(paths: NSDPaths, name: str) -> tuple[np.ndarray, dict[int, str]]:
-    """An ROI volume (X, Y, Z) int and its label table {k: name} (from .ctab, else NSD's defaults)."""
-    path = require(paths.roi(name))
-    try:
-        volume = np.asarray(nib.load(path).dataobj)
-    except Exception as err:  # nibabel raises several types for corrupt files
-        raise DataError(f"{path}: cannot read as NIfTI ({err})") from None
-    volume = np.rint(volume).astype(np.int32)
+# --------------------------------------------------------------------------- ROIs and ncsnr
+@dataclass(frozen=True)
+class Labels:
+    """One ROI file over a space: grid (volume (X, Y, Z) or surface (n_lh + n_rh,)) int32, table {k: name}."""
+
+    name: str
+    grid: np.ndarray
+    table: dict[int, str]
+    layout: Layout
+
+    def mask(self, label: str | None = None) -> np.ndarray:
+        """Grid-shaped bool: positions with this label name (None: with any label >= 1)."""
+        if label is None:
+            return self.grid > 0
+        return np.isin(self.grid, [k for k, v in self.table.items() if v == label])
+
+
+def read_labels(paths: NSDPaths, name: str) -> Labels:
+    """An ROI file of the space with its label table (from .ctab, else NSD's defaults, else 'name-k')."""
+    grid, layout = read_grid(paths, paths.roi_files(name))
+    if not np.all(np.isfinite(grid)):
+        raise DataError(f"{layout.source}: ROI labels must be finite integers")
+    grid = np.rint(grid).astype(np.int32)
     table = read_ctab(paths.ctab(name)) if paths.ctab(name).exists() else DEFAULT_LABELS.get(name)
     if table is None:
-        table = {int(k): f"{name}-{int(k)}" for k in np.unique(volume) if k > 0}
-    return volume, table
+        table = {int(k): f"{name}-{int(k)}" for k in np.unique(grid) if k > 0}
+    return Labels(name, grid, table, layout)
 
 
 def read_ctab(path: Path) -> dict[int, str]:
@@ -163,22 +352,15 @@ def read_ctab(path: Path) -> dict[int, str]:
     return table
 
 
-def read_ncsnr(paths: NSDPaths, xyz: np.ndarray) -> np.ndarray:
-    """ncsnr at voxels xyz (n_voxels, 3) in NIfTI index order -> (n_voxels,) float32."""
-    path = require(paths.ncsnr)
-    try:
-        volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    except Exception as err:  # nibabel raises several types for corrupt files
-        raise DataError(f"{path}: cannot read as NIfTI ({err})") from None
-    return volume[xyz[:, 0], xyz[:, 1], xyz[:, 2]]
+def read_ncsnr(paths: NSDPaths, locs: np.ndarray, layout: Layout | None = None) -> np.ndarray:
+    """ncsnr at positions locs (see module doc) -> (n,) float32; checked against layout when given."""
+    grid, own = read_grid(paths, paths.ncsnr_files(), np.float32)
+    if layout is not None:
+        layout.check(own)
+    return own.values(grid, locs)
 
 
-def betas_shape(path: Path) -> tuple[int, ...]:
-    """Shape of the 'betas' dataset of a session file: (n_trials, Z, Y, X)."""
-    with open_betas(path) as (_, ds):
-        return ds.shape
-
-
+# --------------------------------------------------------------------------- betas
 class open_betas:
     """Context manager: (h5py.File, dataset 'betas'), DataError for missing/corrupt/keyless files."""
 
@@ -190,7 +372,7 @@ class open_betas:
             self.file = h5py.File(self.path, "r")
         except OSError as err:
             raise DataError(f"{self.path}: cannot read as HDF5 ({err})") from None
-        if "betas" not in self.file:
+        if not isinstance(self.file.get("betas"), h5py.Dataset):
             found = sorted(self.file)
             self.file.close()
             raise DataError(f"{self.path}: dataset 'betas' missing (found {found})")
@@ -200,33 +382,181 @@ class open_betas:
         self.file.close()
 
 
-def read_session_betas(path: Path, xyz: np.ndarray, block: int = 50) -> np.ndarray:
-    """Betas of one session at voxels xyz (NIfTI (x, y, z) indices), in % signal change.
+def betas_shape(path: Path) -> tuple[int, ...]:
+    """Shape of the betas in a session file, as stored: hdf5 'betas', or the NIfTI/MGH image shape."""
+    if path.name.endswith(".hdf5"):
+        with open_betas(path) as (_, ds):
+            return tuple(ds.shape)
+    img = _load_image(path, "MGH" if path.suffix == ".mgh" else "NIfTI")
+    return tuple(int(n) for n in img.shape)
 
-    Reads ``block`` trials at a time, so memory stays at one block of the volume plus the
-    result. Returns float32 (n_trials, n_voxels). The hdf5 axes are (trial, Z, Y, X).
+
+def _trial_axis(path: Path, shape: tuple, paths: NSDPaths) -> int:
+    """Number of trials in a betas file of this space, after checking its number of axes."""
+    if paths.surface and paths.beta_format == "hdf5":
+        expected, axis = "(trials, vertices)", 0
+    elif paths.surface:
+        expected, axis = "(vertices, 1, 1, trials)", 3
+    elif paths.beta_format == "hdf5":
+        expected, axis = "(trials, Z, Y, X)", 0
+    else:
+        expected, axis = "(X, Y, Z, trials)", 3
+    if len(shape) != expected.count(",") + 1:
+        raise DataError(f"{path}: betas shape {shape}, expected {expected}")
+    return int(shape[axis])
+
+
+def session_trials(paths: NSDPaths, session: int) -> tuple[int, Path, tuple]:
+    """(n_trials, file, shape) of a session from file headers only; both hemispheres must agree."""
+    found = []
+    for path in paths.betas_files(session):
+        shape = betas_shape(path)
+        found.append((_trial_axis(path, shape, paths), path, shape))
+    if len({n for n, _, _ in found}) > 1:
+        (n0, p0, s0), (n1, p1, s1) = found
+        raise DataError(f"{p1}: betas shape {s1} has {n1} trials, but {p0.name} has {n0}; "
+                        f"both hemispheres must have the same trials")
+    return found[0]
+
+
+def read_session(paths: NSDPaths, session: int, locs: np.ndarray, layout: Layout,
+                 budget: int = READ_BUDGET) -> np.ndarray:
+    """One session's betas at positions locs, in % signal change: float32 (n_trials, n).
+
+    Never holds the whole session: reads at most ``budget`` bytes of the file at a time and keeps
+    only the selected positions. Checks every file's shape against layout.
     """
-    with open_betas(path) as (_, ds):
-        if ds.ndim != 4:
-            raise DataError(f"{path}: 'betas' has shape {ds.shape}, expected (trials, Z, Y, X)")
-        spatial = ds.shape[1:][::-1]
-        if np.any(xyz.max(0) >= np.array(spatial)):
-            raise DataError(f"{path}: 'betas' volume (X, Y, Z) = {spatial} does not contain the ROI voxels "
-                            f"(max index {tuple(xyz.max(0))}); ROI and betas must be in the same space")
-        is_int = np.issubdtype(ds.dtype, np.integer)
-        out = np.empty((ds.shape[0], len(xyz)), dtype=np.float32)
-        x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-        try:
-            for start in range(0, ds.shape[0], block):
-                chunk = ds[start:start + block]
-                out[start:start + len(chunk)] = chunk[:, z, y, x]
-        except OSError as err:
-            raise DataError(f"{path}: cannot read 'betas' ({err})") from None
-    if is_int:
+    if not paths.surface:
+        path = paths.betas(session)
+        reader = _read_volume_hdf5 if paths.beta_format == "hdf5" else _read_volume_nifti
+        return reader(path, locs, layout, budget)
+    parts = []
+    for h, hemi in enumerate(HEMISPHERES):
+        path = paths.betas(session, hemi)
+        verts = locs[locs[:, 0] == h, 1]
+        reader = _read_surface_hdf5 if paths.beta_format == "hdf5" else _read_surface_mgh
+        parts.append(reader(path, verts, layout.shape[h], layout, budget))
+    return np.concatenate(parts, axis=1)
+
+
+def _scale(out: np.ndarray, stored_dtype) -> np.ndarray:
+    if np.issubdtype(np.dtype(stored_dtype), np.integer):
         out /= BETA_SCALE
     return out
 
 
+def _read_volume_hdf5(path: Path, xyz: np.ndarray, layout: Layout, budget: int) -> np.ndarray:
+    """'betas' (T, Z, Y, X) at NIfTI positions xyz, read in Z-slabs of the selection's bounding box."""
+    with open_betas(path) as (_, ds):
+        if ds.ndim != 4:
+            raise DataError(f"{path}: 'betas' has shape {ds.shape}, expected (trials, Z, Y, X)")
+        layout.check(Layout(tuple(int(n) for n in ds.shape[1:][::-1]), False, f"{path} 'betas' {ds.shape}"))
+        n_trials = ds.shape[0]
+        out = np.empty((n_trials, len(xyz)), dtype=np.float32)
+        if len(xyz):
+            x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+            x0, x1, y0, y1 = x.min(), x.max() + 1, y.min(), y.max() + 1
+            plane = n_trials * (y1 - y0) * (x1 - x0) * ds.dtype.itemsize
+            step = max(1, budget // max(plane, 1))
+            try:
+                for z0 in range(z.min(), z.max() + 1, step):
+                    sel = np.flatnonzero((z >= z0) & (z < z0 + step))
+                    if len(sel):
+                        slab = ds[:, z0:z0 + step, y0:y1, x0:x1]
+                        out[:, sel] = slab[:, z[sel] - z0, y[sel] - y0, x[sel] - x0]
+            except READ_ERRORS as err:
+                raise DataError(f"{path}: cannot read 'betas' ({err})") from None
+        return _scale(out, ds.dtype)
+
+
+def _read_volume_nifti(path: Path, xyz: np.ndarray, layout: Layout, budget: int) -> np.ndarray:
+    """(X, Y, Z, T) NIfTI at positions xyz, streamed in blocks of whole trial volumes (one pass over the file)."""
+    require(path)
+    try:
+        img = nib.load(path, keep_file_open=True)
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read as NIfTI ({err})") from None
+    if len(img.shape) != 4:
+        raise DataError(f"{path}: betas shape {img.shape}, expected (X, Y, Z, trials)")
+    layout.check(Layout(tuple(int(n) for n in img.shape[:3]), False, f"{path} {img.shape}"))
+    n_trials, dtype = int(img.shape[3]), img.get_data_dtype()
+    out = np.empty((n_trials, len(xyz)), dtype=np.float32)
+    block = max(1, budget // (int(np.prod(img.shape[:3])) * dtype.itemsize))
+    x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    try:
+        for t0 in range(0, n_trials, block):
+            chunk = np.asarray(img.dataobj[..., t0:t0 + block])
+            out[t0:t0 + chunk.shape[3]] = chunk[x, y, z].T
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the betas (truncated or corrupt NIfTI? {err})") from None
+    finally:
+        del img  # closes the file kept open for the single pass
+    return _scale(out, dtype)
+
+
+def _read_surface_hdf5(path: Path, verts: np.ndarray, n_vertices: int, layout: Layout, budget: int) -> np.ndarray:
+    """'betas' (T, V) at vertices verts, read in column windows that hold selected vertices."""
+    with open_betas(path) as (_, ds):
+        if ds.ndim != 2:
+            raise DataError(f"{path}: 'betas' has shape {ds.shape}, expected (trials, vertices)")
+        if ds.shape[1] != n_vertices:
+            raise DataError(f"{path}: 'betas' {ds.shape} has {ds.shape[1]} vertices, but {layout.source} "
+                            f"has {n_vertices} in this hemisphere")
+        n_trials = ds.shape[0]
+        out = np.empty((n_trials, len(verts)), dtype=np.float32)
+        width = max(1, budget // (n_trials * ds.dtype.itemsize))
+        starts = range(int(verts.min()), int(verts.max()) + 1, width) if len(verts) else ()
+        try:
+            for v0 in starts:
+                sel = np.flatnonzero((verts >= v0) & (verts < v0 + width))
+                if len(sel):
+                    v1 = int(verts[sel].max()) + 1
+                    out[:, sel] = ds[:, v0:v1][:, verts[sel] - v0]
+        except READ_ERRORS as err:
+            raise DataError(f"{path}: cannot read 'betas' ({err})") from None
+        return _scale(out, ds.dtype)
+
+
+def _read_surface_mgh(path: Path, verts: np.ndarray, n_vertices: int, layout: Layout, budget: int) -> np.ndarray:
+    """(V, 1, 1, T) MGH at vertices verts, read in blocks of whole trial maps."""
+    img = _load_image(path, "MGH")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 4 or shape[1:3] != (1, 1):
+        raise DataError(f"{path}: betas shape {shape}, expected (vertices, 1, 1, trials)")
+    if shape[0] != n_vertices:
+        raise DataError(f"{path}: betas {shape} have {shape[0]} vertices, but {layout.source} "
+                        f"has {n_vertices} in this hemisphere")
+    dtype = img.get_data_dtype()
+    needed = img.dataobj.offset + int(np.prod(shape)) * dtype.itemsize
+    if path.stat().st_size < needed:
+        raise DataError(f"{path}: file is truncated ({path.stat().st_size} bytes, shape {shape} needs {needed})")
+    n_trials = shape[3]
+    out = np.empty((n_trials, len(verts)), dtype=np.float32)
+    block = max(1, budget // (n_vertices * dtype.itemsize))
+    try:
+        for t0 in range(0, n_trials, block):
+            chunk = np.asarray(img.dataobj[:, 0, 0, t0:t0 + block])
+            out[t0:t0 + chunk.shape[1]] = chunk[verts].T
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: cannot read the betas ({err})") from None
+    return _scale(out, dtype)
+
+
+def read_session_betas(path: Path, xyz: np.ndarray, budget: int = READ_BUDGET) -> np.ndarray:
+    """Betas of one func1pt8mm/func1mm HDF5 session file at NIfTI positions xyz (n, 3), in % signal change.
+
+    float32 (n_trials, n). The volume must contain the positions (the full check needs a Layout:
+    use read_session).
+    """
+    with open_betas(path) as (_, ds):
+        shape = tuple(int(n) for n in ds.shape[1:][::-1]) if ds.ndim == 4 else ()
+    if shape and np.any(xyz.max(0) >= np.array(shape)):
+        raise DataError(f"{path}: 'betas' volume (X, Y, Z) = {shape} does not contain the requested voxels "
+                        f"(max index {tuple(xyz.max(0))})")
+    return _read_volume_hdf5(path, xyz, Layout(shape, False, str(path)), budget)
+
+
+# --------------------------------------------------------------------------- stimuli
 class StimulusBrick:
     """Lazy reader of imgBrick: images are read one at a time by 0-based 73k id.
 
@@ -237,10 +567,13 @@ class StimulusBrick:
     def __init__(self, path: Path):
         self.path = require(path)
         self._file: h5py.File | None = None
-        with h5py.File(self.path, "r") as f:
-            if "imgBrick" not in f:
-                raise DataError(f"{self.path}: dataset 'imgBrick' missing (found {sorted(f)})")
-            self.shape = f["imgBrick"].shape
+        try:
+            with h5py.File(self.path, "r") as f:
+                if "imgBrick" not in f:
+                    raise DataError(f"{self.path}: dataset 'imgBrick' missing (found {sorted(f)})")
+                self.shape = f["imgBrick"].shape
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot read as HDF5 ({err})") from None
         if len(self.shape) != 4 or self.shape[-1] != 3:
             raise DataError(f"{self.path}: 'imgBrick' has shape {self.shape}, expected (n, H, W, 3)")
 
@@ -248,6 +581,9 @@ class StimulusBrick:
         return self.shape[0]
 
     def image(self, stim_id: int) -> np.ndarray:
+        if not 0 <= int(stim_id) < self.shape[0]:
+            raise DataError(f"{self.path}: stimulus id {int(stim_id)} out of range, 'imgBrick' {self.shape} "
+                            f"holds ids 0..{self.shape[0] - 1}")
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         return self._file["imgBrick"][int(stim_id)]

@@ -1,0 +1,337 @@
+"""Video fMRI (Wen et al. 2018): one subject's runs, their preprocessing and the Lightning datamodule.
+
+Samples are fMRI volumes (TRs), not images. ``load_video_subject`` reads every run of every segment
+(``datamodules.video_files`` layout), keeps the first ``n_volumes`` volumes of the cortex, removes a
+polynomial trend (order 4), z-scores each vertex per run and averages the repeats; the noise
+ceiling SNR comes from the test repeats (NSD's formula). ``VideoDataModule`` splits by whole
+segments: test = the test movies, validation = ``val_segments`` whole training segments (seeded),
+train = the rest, so no time point is ever shuffled across the splits. Its ``prepare_features``
+decodes the movies (every ``frame_stride``-th frame), extracts per-frame backbone features,
+z-scores them with training statistics, optionally reduces them by PCA (fitted on training
+segments only), convolves them with the HRF at the frame rate, averages them per TR and removes
+from each segment the same polynomial trend as from the runs (``detrend_features``: the fMRI's
+temporal filter applied to the regressors too, so a linear relation between them survives it). The backbone pass itself (and the feature cache) is handed in
+by train.py: datamodules never import encoders.
+
+Sample ids: stimulus position × n_volumes + volume, with positions in ``stimuli`` order
+(train segments, then test segments), so ids are unique and say where each sample comes from.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.errors import DataError
+from datamodules.fmri_runs import (RepeatMoments, detrend_polynomial, invalid_columns, ncsnr_from_noise_variance,
+                                   zscore_time)
+from datamodules.hrf import frames_to_volumes, hrf_kernel
+from datamodules.nsd import SPLITS, FeatureDataset
+from datamodules.video_features import FeatureReducer
+from datamodules.video_files import VideoPaths, iter_frames, probe_video, read_cortex_series
+
+log = logging.getLogger(__name__)
+
+# extract(frame ids (n,), stimulus source {file, size, mtime_ns}, make_loader(ids) -> DataLoader of {"x", "id"})
+#   -> (features (n, n_features), status such as "hit" / "built" / "computed")
+FrameExtractor = Callable[[np.ndarray, dict, Callable[[np.ndarray], DataLoader]], tuple[object, str]]
+
+HEMISPHERES = {"CIFTI_STRUCTURE_CORTEX_LEFT": "cortex_left", "CIFTI_STRUCTURE_CORTEX_RIGHT": "cortex_right"}
+
+
+def segment_names(prefix: str, segments: int | Sequence[int]) -> list[str]:
+    """``segments``: a count N (prefix1..prefixN) or a list of numbers -> ["seg1", …]."""
+    numbers = range(1, int(segments) + 1) if isinstance(segments, (int, np.integer)) else [int(s) for s in segments]
+    return [f"{prefix}{k}" for k in numbers]
+
+
+@dataclass
+class VideoResponses:
+    """One subject's repeat-averaged, preprocessed responses per stimulus.
+
+    responses {stimulus: (n_volumes, n_vertices) float32}; n_repeats {stimulus: int};
+    voxel_xyz (n_vertices, 3) int: (grayordinate index, hemisphere 0 left / 1 right, surface vertex);
+    ncsnr (n_vertices,) from the test repeats; rois {name: bool (n_vertices,)}.
+    """
+
+    subject: int
+    responses: dict[str, np.ndarray]
+    n_repeats: dict[str, int]
+    voxel_xyz: np.ndarray
+    ncsnr: np.ndarray
+    rois: dict[str, np.ndarray]
+    n_dropped: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _check_stimulus_files(paths: VideoPaths, stimuli: dict[str, int], n_volumes: int, tr: float,
+                          fps: float) -> None:
+    """Every run and movie exists; every movie has the configured frame rate and lasts as long as its fMRI."""
+    for stimulus, n_rep in stimuli.items():
+        for r in range(1, n_rep + 1):
+            if not paths.cifti(stimulus, r).is_file():
+                raise DataError(f"{paths.cifti(stimulus, r)}: file not found "
+                                f"({stimulus} needs {n_rep} repeats in {paths.cifti(stimulus, r).parent})")
+        video = paths.video(stimulus)
+        info = probe_video(video)
+        if abs(info.fps - fps) > 0.01 * fps:
+            raise DataError(f"{video}: {info.fps:g} fps, but data.fps={fps:g}")
+        if info.n_frames < int(round(n_volumes * tr * fps)):
+            raise DataError(f"{video}: {info.n_frames} frames = {info.duration:.2f} s, shorter than its fMRI "
+                            f"({n_volumes} volumes x TR {tr:g} s = {n_volumes * tr:g} s)")
+
+
+def load_video_subject(root: str | Path, subject: int, train: Sequence[str], test: Sequence[str],
+                       train_repeats: int = 2, test_repeats: int = 10, n_volumes: int = 240, tr: float = 2.0,
+                       fps: float = 30.0, n_cortex: int = 59412, detrend_order: int = 4,
+                       stimuli_dir: str = "stimuli") -> VideoResponses:
+    """Read, trim, detrend, z-score and repeat-average one subject's runs (one run in memory at a time)."""
+    paths = VideoPaths(Path(root), int(subject), stimuli_dir)
+    if not paths.subject_dir.is_dir():
+        raise DataError(f"{paths.subject_dir}: subject folder not found")
+    if test_repeats < 2:
+        raise DataError(f"data.test_repeats={test_repeats}: the noise ceiling needs at least 2 test repeats")
+    stimuli = {**{s: train_repeats for s in train}, **{s: test_repeats for s in test}}
+    _check_stimulus_files(paths, stimuli, n_volumes, tr, fps)
+    responses, bad, noise_var, grayordinates = {}, np.zeros(n_cortex, bool), np.zeros(n_cortex), None
+    for stimulus, n_rep in stimuli.items():
+        moments = RepeatMoments()
+        for r in range(1, n_rep + 1):
+            path = paths.cifti(stimulus, r)
+            run, grays = read_cortex_series(path, n_cortex, n_volumes)
+            if grayordinates is None:
+                grayordinates, first = grays, path
+            elif grays != grayordinates:
+                raise DataError(f"{path}: its cortical grayordinates differ from those of {first}")
+            bad |= invalid_columns(run)
+            moments.add(zscore_time(detrend_polynomial(np.nan_to_num(run), detrend_order)))
+        responses[stimulus] = moments.mean()
+        if stimulus in test:
+            noise_var += moments.noise_variance() / len(test)
+    if bad.all():
+        raise DataError(f"{paths.subject_dir}: every cortical grayordinate is NaN or constant in some run")
+    if bad.any():
+        log.warning("subject%d: dropped %d of %d grayordinates that are NaN or constant in some run",
+                    subject, int(bad.sum()), n_cortex)
+    keep = ~bad
+    hemi = np.array([HEMISPHERES.get(str(s), "other") for s in grayordinates.structure])
+    xyz = np.stack([np.arange(n_cortex), (hemi == "cortex_right").astype(int), grayordinates.vertex], 1)[keep]
+    rois = {name: (hemi[keep] == name) for name in HEMISPHERES.values() if (hemi[keep] == name).any()}
+    return VideoResponses(
+        subject=int(subject), responses={s: np.ascontiguousarray(r[:, keep]) for s, r in responses.items()},
+        n_repeats=stimuli, voxel_xyz=xyz, ncsnr=ncsnr_from_noise_variance(noise_var[keep]), rois=rois,
+        n_dropped=int(bad.sum()),
+        info={"n_volumes": n_volumes, "tr": tr, "fps": fps, "n_cortex": n_cortex, "detrend_order": detrend_order,
+              "voxel_xyz_columns": ["grayordinate", "hemisphere (0 left, 1 right)", "surface vertex"]})
+
+
+class FrameDataset(IterableDataset):
+    """Frames of one movie at the given indices, decoded in order, through ``transform``: {"x", "id"}."""
+
+    def __init__(self, path: Path, indices: np.ndarray, transform: Callable[[np.ndarray], torch.Tensor]):
+        self.path, self.indices, self.transform = path, np.asarray(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        for index, frame in iter_frames(self.path, self.indices):
+            yield {"x": self.transform(frame), "id": index}
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Wen et al. 2018 video fMRI for one subject; samples are TRs.
+
+    After ``setup()``: ``split_ids``, ``targets(split)`` (n_TR, n_vertices), ``n_repeats(split)``,
+    ``ncsnr()``, ``rois``, ``data`` (VideoResponses), ``split_stimuli`` {split: [stimulus names]}.
+    ``prepare_features(backbone, extract)`` computes the features per TR and serves them.
+    ``time_series``: samples are consecutive TRs, so cross-validation folds must be contiguous.
+    """
+
+    time_series = True
+
+    def __init__(self, root: str, subject: int = 1, train_segments: int | Sequence[int] = 18,
+                 test_segments: int | Sequence[int] = 5, train_repeats: int = 2, test_repeats: int = 10,
+                 n_volumes: int = 240, tr: float = 2.0, fps: float = 30.0, n_cortex: int = 59412,
+                 detrend_order: int = 4, detrend_features: bool = True, frame_stride: int = 15,
+                 hrf: str | dict = "wen", pca_variance: float | None = None, val_segments: int = 2, seed: int = 0,
+                 stimuli_dir: str = "stimuli", batch_size: int = 128, frame_batch_size: int = 64,
+                 name: str = "video"):
+        super().__init__()
+        self.root, self.subject, self.stimuli_dir = Path(root), int(subject), stimuli_dir
+        self.train_stimuli = segment_names("seg", train_segments)
+        self.test_stimuli = segment_names("test", test_segments)
+        self.train_repeats, self.test_repeats = int(train_repeats), int(test_repeats)
+        self.n_volumes, self.tr, self.fps, self.n_cortex = int(n_volumes), float(tr), float(fps), int(n_cortex)
+        self.detrend_order, self.frame_stride = int(detrend_order), int(frame_stride)
+        self.hrf = hrf if isinstance(hrf, str) else dict(hrf)
+        self.pca_variance, self.detrend_features = pca_variance, bool(detrend_features)
+        self.val_segments, self.seed = int(val_segments), seed
+        self.batch_size, self.frame_batch_size = batch_size, frame_batch_size
+        self.name = name
+        self._validate()
+        self.paths = VideoPaths(self.root, self.subject, stimuli_dir)
+        self.data: VideoResponses | None = None
+        self.split_ids: dict[str, np.ndarray] = {}
+        self.split_stimuli: dict[str, list[str]] = {}
+        self._responses: dict[str, np.ndarray] = {}
+        self._repeats: dict[str, np.ndarray] = {}
+        self.transform: Callable | None = None
+        self.features: dict[str, torch.Tensor] | None = None
+
+    def _validate(self) -> None:
+        if not self.train_stimuli or not self.test_stimuli:
+            raise ValueError("data.train_segments and data.test_segments must name at least one segment each")
+        if not 1 <= self.val_segments < len(self.train_stimuli):
+            raise ValueError(f"data.val_segments={self.val_segments} must lie in [1, {len(self.train_stimuli) - 1}] "
+                             f"for {len(self.train_stimuli)} training segments")
+        if self.frame_stride < 1 or self.n_volumes < 1 or self.tr <= 0 or self.fps <= 0:
+            raise ValueError("data.frame_stride, data.n_volumes, data.tr and data.fps must be positive")
+        if self.tr * self.fps / self.frame_stride < 1:
+            raise ValueError(f"data.frame_stride={self.frame_stride} leaves less than one frame per TR "
+                             f"({self.fps:g} fps, TR {self.tr:g} s)")
+        hrf_kernel(self.hrf, self.frame_stride / self.fps)  # an unknown preset fails here, not after extraction
+
+    @property
+    def stimuli(self) -> list[str]:
+        return self.train_stimuli + self.test_stimuli
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data = load_video_subject(self.root, self.subject, self.train_stimuli, self.test_stimuli, self.train_repeats,
+                                  self.test_repeats, self.n_volumes, self.tr, self.fps, self.n_cortex,
+                                  self.detrend_order, self.stimuli_dir)
+        rng = np.random.default_rng(self.seed)
+        val = sorted(rng.choice(len(self.train_stimuli), self.val_segments, replace=False).tolist())
+        self.split_stimuli = {"train": [s for k, s in enumerate(self.train_stimuli) if k not in val],
+                              "val": [self.train_stimuli[k] for k in val], "test": list(self.test_stimuli)}
+        position = {s: k for k, s in enumerate(self.stimuli)}
+        for split, names in self.split_stimuli.items():
+            self.split_ids[split] = np.concatenate(
+                [position[s] * self.n_volumes + np.arange(self.n_volumes) for s in names]).astype(np.int64)
+            self._responses[split] = np.ascontiguousarray(np.concatenate([data.responses[s] for s in names]))
+            self._repeats[split] = np.concatenate([np.full(self.n_volumes, data.n_repeats[s]) for s in names])
+        self.data = data
+
+    # -- the NSDDataModule interface ---------------------------------------------
+    @property
+    def n_voxels(self) -> int:
+        return self._responses["train"].shape[1]
+
+    @property
+    def rois(self) -> dict[str, np.ndarray]:
+        return self.data.rois
+
+    def targets(self, split: str) -> np.ndarray:
+        """Responses (n_TR, n_vertices) float32 of a split, in split_ids order."""
+        return self._responses[split]
+
+    def n_repeats(self, split: str) -> np.ndarray:
+        """Number of runs averaged into each TR, (n_TR,)."""
+        return self._repeats[split]
+
+    def ncsnr(self) -> np.ndarray:
+        return self.data.ncsnr
+
+    def set_transform(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """The encoder's preprocessing: uint8 (H, W, 3) -> float (3, S, S)."""
+        self.transform = transform
+
+    def set_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Serve features {split: (n_TR, n_features)}."""
+        for split in SPLITS:
+            if split in features and len(features[split]) != len(self.split_ids[split]):
+                raise ValueError(f"{split}: {len(features[split])} feature rows for {len(self.split_ids[split])} TRs")
+        self.features = features
+
+    def stimulus_source(self, stimulus: str) -> dict:
+        """Identity of one movie and how it is sampled, for feature-cache keys."""
+        path = self.paths.video(stimulus)
+        stat = path.stat()
+        return {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def frame_indices(self) -> np.ndarray:
+        """0-based frames decoded per movie: every frame_stride-th frame of the fMRI's duration."""
+        return np.arange(0, int(round(self.n_volumes * self.tr * self.fps)), self.frame_stride, dtype=np.int64)
+
+    def frames_loader(self, stimulus: str, indices: np.ndarray) -> DataLoader:
+        """Frames of one movie at ``indices`` (in order) through the encoder's transform."""
+        if self.transform is None:
+            raise RuntimeError("set_transform() first: the datamodule takes its transform from the encoder")
+        return DataLoader(FrameDataset(self.paths.video(stimulus), indices, self.transform),
+                          batch_size=self.frame_batch_size, num_workers=0)
+
+    # -- features per TR ---------------------------------------------------------
+    def frame_features(self, backbone, extract: FrameExtractor) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Per-frame features {stimulus: (n_frames, n_features)} and what ``extract`` said per movie."""
+        self.set_transform(backbone.transform)
+        indices = self.frame_indices()
+        out, status = {}, {}
+        for stimulus in self.stimuli:
+            feats, status[stimulus] = extract(indices, self.stimulus_source(stimulus),
+                                              lambda ids, s=stimulus: self.frames_loader(s, ids))
+            out[stimulus] = np.asarray(feats, dtype=np.float32)
+            if out[stimulus].shape[0] != len(indices):
+                raise RuntimeError(f"{stimulus}: {out[stimulus].shape[0]} feature rows for {len(indices)} frames")
+        return out, status
+
+    def prepare_features(self, backbone, extract: FrameExtractor) -> tuple[dict[str, torch.Tensor], dict]:
+        """Features per TR {split: (n_TR, n_features) float32} (also served), and what the run records.
+
+        backbone: has ``transform`` (uint8 (H, W, 3) -> (3, S, S)) and optionally ``feature_slices``
+        {layer: slice} for the per-layer PCA. extract(frame ids, stimulus source, make_loader) ->
+        (features (n_ids, n_features), status): the backbone pass, e.g. through the feature cache
+        (train.py wires it: datamodules never import encoders). The z-score and the PCA are fitted on
+        the train split's frames only (never validation or test).
+        """
+        frames, status = self.frame_features(backbone, extract)
+        reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance)
+        reducer.fit(np.concatenate([frames[s] for s in self.split_stimuli["train"]]))
+        rate = self.fps / self.frame_stride
+        per_tr = {s: frames_to_volumes(reducer.transform(frames[s]), rate, self.tr, self.n_volumes, self.hrf)
+                  for s in self.stimuli}
+        if self.detrend_features:  # the runs' temporal filter, so Y = XW stays Y' = X'W after it
+            per_tr = {s: detrend_polynomial(x, self.detrend_order) for s, x in per_tr.items()}
+        features = {split: torch.from_numpy(np.concatenate([per_tr[s] for s in names]).astype(np.float32))
+                    for split, names in self.split_stimuli.items()}
+        self.set_features(features)
+        counts = {k: sum(v == k for v in status.values()) for k in sorted(set(status.values()))}
+        info = {"frames_per_movie": int(len(self.frame_indices())), "frame_rate": rate, "hrf": self.hrf,
+                "detrend_order": self.detrend_order if self.detrend_features else None,
+                **reducer.describe(), "frame_status": counts}
+        return features, info
+
+    # -- loaders -----------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.features is None or split not in self.features:
+            raise RuntimeError("prepare_features() first: video samples are TRs, served as features")
+        dataset = FeatureDataset(self.features[split], self.split_ids[split], self._responses[split])
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def describe(self) -> dict:
+        """What the run records about its data: segments per split, vertices, preprocessing options."""
+        d = self.data
+        return {"dataset": self.name, "root": str(self.root), "subject": self.subject,
+                "segments": self.split_stimuli, "train_repeats": self.train_repeats,
+                "test_repeats": self.test_repeats, "frame_stride": self.frame_stride, "hrf": self.hrf,
+                "pca_variance": self.pca_variance, "val_segments": self.val_segments, "seed": self.seed,
+                "n_voxels": self.n_voxels, "n_dropped_voxels": d.n_dropped,
+                "sample_id": "stimulus position x n_volumes + volume, positions in 'stimuli' order",
+                "stimuli": self.stimuli, "n_images": {s: int(len(i)) for s, i in self.split_ids.items()}, **d.info}
