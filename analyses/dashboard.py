@@ -1,0 +1,133 @@
+"""Log a sweep's runs to Weights & Biases: offline by default, uploadable later with `wandb sync`.
+
+One W&B run per encoder run (job_type "summary"): group = the sweep directory's name (or the group
+the run already used if it trained with logger=wandb), tags = backbone, head, dataset, subj<N>;
+config = the run's config.yaml and run.json; summary = metrics.json flattened
+("test/r_mean", "test/roi/FFA-1/nc_r2_mean", ...); a wandb.Table "roi_results" of the per-ROI
+results. One more run (job_type "report", same group) carries the report's figures as wandb.Image
+and the table of every run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from analyses.report import progress_bar
+
+ROI_COLUMNS = ("r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan")
+
+
+def wandb_mode() -> str:
+    """"offline" unless WANDB_MODE says otherwise or WANDB_API_KEY is set ("online"): never waits on
+    a network that is not there (the same rule as train.py's logger)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode:
+        return "offline" if mode == "dryrun" else mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's composed config (config.yaml), {} if absent."""
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def run_group(config: dict, default: str) -> str:
+    """The W&B group a run trained under (logger.wandb.group in its config), else ``default``."""
+    group = ((config.get("logger") or {}).get("wandb") or {}).get("group")
+    return str(group) if group else default
+
+
+def run_tags(info: dict) -> list[str]:
+    """[backbone, head, dataset, subj<N>] from run.json (as conf/logger/wandb.yaml tags training runs)."""
+    data = info.get("data", {})
+    return [str(info.get("backbone", "?")), str(info.get("head", "?")), str(data.get("dataset", "?")),
+            f"subj{data.get('subject', '?')}"]
+
+
+def flat_summary(metrics: dict) -> dict[str, float]:
+    """metrics.json -> {"<split>/<key>": value, "<split>/roi/<ROI>/<key>": value} (numbers only)."""
+    out = {}
+    for split, block in metrics.items():
+        for key, value in block.items():
+            if key != "rois" and isinstance(value, (int, float)):
+                out[f"{split}/{key}"] = value
+        for roi, roi_block in block.get("rois", {}).items():
+            for key, value in roi_block.items():
+                if isinstance(value, (int, float)):
+                    out[f"{split}/roi/{roi}/{key}"] = value
+    return out
+
+
+def roi_table_rows(metrics: dict, roi_stats: dict | None = None) -> tuple[list[str], list[list]]:
+    """Per-ROI rows for every split: columns split, roi, ROI_COLUMNS, and (with the report's
+    roi_stats for the report split) metric_mean and metric_se."""
+    columns = ["split", "roi", *ROI_COLUMNS, "metric_mean", "metric_se"]
+    rows = []
+    for split, block in metrics.items():
+        for roi, roi_block in block.get("rois", {}).items():
+            mean, se, _ = (roi_stats or {}).get(split, {}).get(roi, (None, None, 0))
+            rows.append([split, roi, *[roi_block.get(c) for c in ROI_COLUMNS], mean, se])
+    return columns, rows
+
+
+@dataclass
+class Logged:
+    """Where the W&B runs went."""
+
+    mode: str
+    wandb_dir: Path
+    run_dirs: list[Path]     # the W&B run directories (offline-run-*/ or run-*/), encoder runs then the report run
+    run_ids: list[str]
+
+
+def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Path | None = None,
+                        mode: str | None = None, progress: bool = True) -> Logged:
+    """Log every run of ``report`` (an analyses.report.Report) and its figures to W&B.
+
+    wandb_dir: where the W&B files go (default: the report's sweep directory, under ``wandb/``);
+    mode: "offline" | "online" | "disabled" (default wandb_mode()).
+    """
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    mode = mode or wandb_mode()
+    sweep_dir = report.directory
+    base = Path(wandb_dir) if wandb_dir else sweep_dir
+    base.mkdir(parents=True, exist_ok=True)
+    default_group = sweep_dir.resolve().name
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    run_dirs, run_ids = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("W&B: runs", total=len(report.runs) + 1)
+        for run in report.runs:
+            config = run_config(run.dir)
+            wb = wandb.init(project=project, dir=str(base), mode=mode, group=run_group(config, default_group),
+                            name=run.name, tags=run_tags(run.info), job_type="summary", reinit="create_new",
+                            config={"config": config, "run": {k: v for k, v in run.info.items() if k != "versions"},
+                                    "run_dir": str(run.dir)}, settings=settings)
+            wb.summary.update(flat_summary(run.metrics))
+            table_columns, rows = roi_table_rows(run.metrics, {report.split: report.roi_stats.get(run.name, {})})
+            wb.log({"roi_results": wandb.Table(columns=table_columns, data=rows)})
+            run_dirs.append(Path(wb.dir).parent)
+            run_ids.append(wb.id)
+            wb.finish()
+            bar.advance(task)
+        wb = wandb.init(project=project, dir=str(base), mode=mode, group=default_group, name=f"{default_group} report",
+                        tags=["report"], job_type="report", reinit="create_new",
+                        config={"sweep_dir": str(sweep_dir), "split": report.split, "metric": report.metric},
+                        settings=settings)
+        wb.log({**{f"figures/{Path(f['path']).stem}": wandb.Image(str(f["path"]), caption=f"{f['title']}: {f['caption']}")
+                   for f in report.figures},
+                "runs": wandb.Table(columns=["run", "backbone", "head", "dataset", "subject", "r_mean", "r2_mean",
+                                             "nc_r2_mean", "n_voxels"],
+                                    data=[[r.name, r.backbone, r.head, r.dataset, r.subject,
+                                           *[r.metrics.get(report.split, {}).get(k) for k in
+                                             ("r_mean", "r2_mean", "nc_r2_mean", "n_voxels")]] for r in report.runs])})
+        run_dirs.append(Path(wb.dir).parent)
+        run_ids.append(wb.id)
+        wb.finish()
+        bar.advance(task)
+    return Logged(mode, base / "wandb", run_dirs, run_ids)
