@@ -1,0 +1,774 @@
+"""Wen et al. 2018's analyses over run directories: accuracy maps with significance, the best layer per
+voxel, virtual fMRI and the category organisation of cortex.
+
+    python analyze.py analysis=wen2018 run_dir=outputs/runs/<run>
+    python analyze.py analysis=wen2018 sweep_dir=outputs/multirun/<date>   # every run, + the sweep form
+                                                                            #   of the best layer
+
+Library use (no Hydra): ``analyse_run(run_dir, Wen2018Options(...))`` and
+``sweep_best_layer(run_dirs, out_dir, split)``.
+
+Per run, into ``<run_dir>/wen2018/`` (the README's "Wen 2018 analyses" lists every file):
+
+* accuracy: per-voxel r and R² of the test predictions (predictions.npz), one-sided p-values
+  (``significance``: bootstrap of R² over test rows, CLIP-MSM; or block permutation of r, Wen; ``auto``
+  = permutation for time-series runs, bootstrap otherwise), Benjamini–Hochberg at ``q``; per ROI the
+  voxel and significant counts and mean ± SE of r, R², noise-ceiling-normalised r.
+  -> accuracy.csv, accuracy.json, accuracy.png
+* best layer (runs trained on >= 2 layers): single-layer predictions of the test images (all other
+  layers' standardised features set to 0), explained variance per layer, argmax per voxel; voxel
+  counts per best layer in each ROI. -> best_layer.csv, best_layer.png
+* virtual fMRI: predicted responses to a folder of images with one sub-folder per category
+  (``image_dir``; for a run on the synthetic dataset it defaults to freshly drawn images of its six
+  categories, written once under ``<data_dir>/virtual_fmri/``): category maps, d' per voxel and
+  ROI, the voxel's selectivity (max d') and top categories. -> dprime.csv, dprime.png, category_maps.npz
+* category organisation: Pearson similarity of the category maps over the predictable voxels
+  (significant and r > ``predictable_r``), k-means clusters with the k of highest signed modularity
+  Q, Q's permutation p-value; correlation with a semantic similarity (a CSV or CLIP text embeddings);
+  the same similarity and Q from single-layer predictions per layer (Wen Fig. 6); sub-clusters inside
+  each cluster's own region (Wen Fig. 7). -> categories.json, similarity.png, layers_categories.csv/png
+* voxels.npz: every per-voxel array above; W&B: the figures and tables, when the run logged to W&B.
+
+Sweep form of the best layer: runs that differ only in their (single) layer -> the best layer per voxel
+by held-out accuracy -> ``<sweep_dir>/wen2018_best_layer_<backbone>_<head>.csv/png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from analyses import categories as cat
+from analyses.summary import find_runs
+from encoders.run_record import write_json
+
+# analyses.stats and analyses.layers (torch) are imported inside the functions that use them: analyze.py
+# imports this module for every analysis, and `analysis=summary` should not pay for torch.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SIGNIFICANCE = ("auto", "bootstrap", "permutation")
+# (group, key) in conf/analysis/wen2018.yaml -> Wen2018Options field, where the two differ
+CONFIG_ALIASES = {("significance", "method"): "significance", ("semantic", "source"): "semantic"}
+
+
+@dataclass
+class Wen2018Options:
+    """Every knob of the analysis (conf/analysis/wen2018.yaml documents each)."""
+
+    split: str = "test"
+    significance: str = "auto"
+    n_boot: int = 2000
+    n_perm: int = 1000
+    block: int = 20
+    q: float = 0.01
+    seed: int = 0
+    predictable_r: float = 0.2
+    layer_score: str = "r2"
+    image_dir: str | None = None
+    n_per_category: int = 50
+    image_seed: int = 0
+    data_dir: str = "data"
+    batch_size: int = 32
+    k_min: int = 2
+    k_max: int = 10
+    n_perm_modularity: int = 1000
+    recluster: bool = True
+    semantic: str | None = None
+    clip_backbone: str = "clip_vitb32"
+    clip_template: str = "a photo of a {}."
+    n_perm_semantic: int = 10000
+    finer_alpha: float = 0.01
+    rois: list[str] | None = None
+    sweep_split: str = "val"
+    out_subdir: str = "wen2018"
+    wandb: str = "auto"
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, analysis: dict, data_dir: str | None = None) -> "Wen2018Options":
+        """From conf/analysis/wen2018.yaml's nested groups (as a plain dict)."""
+        flat = {}
+        for key, value in analysis.items():
+            if isinstance(value, dict):
+                flat.update({CONFIG_ALIASES.get((key, k), k): v for k, v in value.items()})
+            else:
+                flat[key] = value
+        flat.pop("name", None)
+        if data_dir is not None:
+            flat.setdefault("data_dir", data_dir)
+        known = {f.name for f in fields(cls)} - {"notes"}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ValueError(f"analysis: unknown wen2018 option(s) {unknown}")
+        opts = cls(**{k: v for k, v in flat.items() if k in known})
+        if opts.significance not in SIGNIFICANCE:
+            raise ValueError(f"analysis.significance.method must be one of {SIGNIFICANCE}, got {opts.significance!r}")
+        return opts
+
+
+# ----------------------------------------------------------------------------- reading a run
+
+
+@dataclass
+class RunData:
+    """What the analysis reads from a run directory (arrays for ``split``)."""
+
+    dir: Path
+    info: dict
+    pred: np.ndarray
+    true: np.ndarray
+    ids: np.ndarray
+    rois: dict[str, np.ndarray]
+    nc: np.ndarray | None
+
+    @property
+    def is_time_series(self) -> bool:
+        """Video-style runs (samples are TRs): their data description has an HRF."""
+        return "hrf" in self.info.get("data", {})
+
+
+def read_run(run_dir: Path, split: str = "test", rois: Sequence[str] | None = None) -> RunData:
+    """predictions.npz, voxel_metrics.npz and run.json of one run; errors name the missing file or key."""
+    files = {name: run_dir / name for name in ("predictions.npz", "voxel_metrics.npz")}
+    for name, path in files.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (the run must be written with save_predictions=true)")
+    with np.load(files["predictions.npz"]) as f:
+        missing = [k for k in (f"{split}_pred", f"{split}_true", f"{split}_ids") if k not in f]
+        if missing:
+            raise ValueError(f"{files['predictions.npz']}: no {missing} (split '{split}')")
+        pred, true, ids = f[f"{split}_pred"], f[f"{split}_true"], f[f"{split}_ids"]
+    with np.load(files["voxel_metrics.npz"]) as f:
+        all_rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
+        nc = f[f"{split}_nc"].astype(np.float64) if f"{split}_nc" in f.files else None
+    if rois:
+        unknown = [r for r in rois if r not in all_rois]
+        if unknown:
+            raise ValueError(f"{files['voxel_metrics.npz']}: no ROI {unknown} (has {sorted(all_rois)})")
+        all_rois = {r: all_rois[r] for r in rois}
+    info_file = run_dir / "run.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    return RunData(run_dir, info, pred, true, ids, all_rois, nc)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def accuracy(run: RunData, opts: Wen2018Options) -> dict:
+    """Per-voxel r, R², p, FDR-adjusted p and significance, and the per-ROI table."""
+    from analyses import stats
+
+    r = stats.pearson_r(run.pred, run.true)
+    r2 = stats.r2_score(run.pred, run.true)
+    method = opts.significance
+    if method == "auto":
+        method = "permutation" if run.is_time_series else "bootstrap"
+    if method == "bootstrap":
+        p = stats.bootstrap_pvalues(run.pred, run.true, n_boot=opts.n_boot, seed=opts.seed, device=opts.device)
+        detail = {"n_boot": opts.n_boot, "h0": "R2 <= 0"}
+    else:
+        p = stats.permutation_pvalues(run.pred, run.true, n_perm=opts.n_perm, block=opts.block, seed=opts.seed,
+                                      device=opts.device)
+        n_blocks = -(-run.true.shape[0] // opts.block)
+        detail = {"n_perm": opts.n_perm, "block": opts.block, "n_blocks": n_blocks, "h0": "r <= 0"}
+    p_fdr = stats.fdr_bh(p)
+    significant = np.nan_to_num(p_fdr, nan=1.0) < opts.q
+    predictable = significant & (np.nan_to_num(r, nan=-1.0) > opts.predictable_r)
+    nc_r = stats.nc_normalised_r(r, run.nc) if run.nc is not None else np.full_like(r, np.nan)
+    rois = {"all": np.ones(r.shape, bool), **run.rois}
+    summ_r, summ_r2, summ_nc = (stats.roi_summary(v, rois) for v in (r, r2, nc_r))
+    header = ["roi", "n_voxels", "n_nan", "n_significant", "frac_significant", "n_predictable",
+              "r_mean", "r_se", "r2_mean", "r2_se", "nc_r_mean", "nc_r_se"]
+    rows = []
+    for name, sel in rois.items():
+        n = int(sel.sum())
+        rows.append([name, n, summ_r[name]["n_nan"], int(significant[sel].sum()),
+                     float(significant[sel].mean()) if n else float("nan"), int(predictable[sel].sum()),
+                     summ_r[name]["mean"], summ_r[name]["se"], summ_r2[name]["mean"], summ_r2[name]["se"],
+                     summ_nc[name]["mean"], summ_nc[name]["se"]])
+    summary = {"split": opts.split, "method": method, **detail, "q": opts.q, "seed": opts.seed,
+               "n_samples": int(run.true.shape[0]), "n_voxels": int(r.size), "n_nan": stats.count_nan(r),
+               "n_significant": int(significant.sum()), "predictable_r": opts.predictable_r,
+               "n_predictable": int(predictable.sum()), "r_mean": summ_r["all"]["mean"],
+               "r_se": summ_r["all"]["se"]}
+    return {"r": r, "r2": r2, "p": p, "p_fdr": p_fdr, "significant": significant, "predictable": predictable,
+            "nc_r": nc_r, "header": header, "rows": rows, "summary": summary}
+
+
+def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
+    """Histogram of r (all voxels vs FDR-significant) and per-ROI mean r ± SE with the significant share."""
+    plt = cat._pyplot()
+    r, sig = acc["r"], acc["significant"]
+    rows = [row for row in acc["rows"] if row[0] != "all"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2]})
+    finite = np.isfinite(r)
+    bins = np.linspace(min(-0.2, np.nanmin(r) if finite.any() else 0), 1, 40)
+    axes[0].hist(r[finite], bins=bins, color="0.7", label="all")
+    axes[0].hist(r[finite & sig], bins=bins, color="tab:red", label=f"FDR q<{acc['summary']['q']}")
+    axes[0].set_xlabel("test r")
+    axes[0].set_ylabel("voxels")
+    axes[0].legend(fontsize=8)
+    names = [row[0] for row in rows]
+    means = np.array([row[6] for row in rows], dtype=float)
+    ses = np.array([row[7] for row in rows], dtype=float)
+    axes[1].bar(range(len(rows)), means, yerr=np.nan_to_num(ses), color="tab:blue", capsize=2)
+    for i, row in enumerate(rows):
+        axes[1].text(i, 0, f"{row[3]}/{row[1]}", rotation=90, ha="center", va="bottom", fontsize=6, color="white")
+    axes[1].set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+    axes[1].set_ylabel("mean r ± SE (significant/voxels)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- best layer
+
+
+def test_features(enc, run: RunData) -> np.ndarray | None:
+    """The run's raw test features: its feature cache, else recomputed from the stimulus file (NSD layout)."""
+    raw = enc.cached_features(run.ids)
+    if raw is not None:
+        return raw
+    data = run.info.get("data", {})
+    root, subject = data.get("root"), data.get("subject")
+    if root is None or subject is None:
+        return None
+    from datamodules.errors import DataError
+    from datamodules.nsd_files import NSDPaths, StimulusBrick
+
+    try:
+        brick = StimulusBrick(NSDPaths(Path(root), int(subject)).stimuli)
+    except DataError:
+        return None
+    return np.concatenate([enc.image_features([brick.image(i) for i in run.ids[s:s + 64]])
+                           for s in range(0, len(run.ids), 64)])
+
+
+def best_layer_analysis(enc, raw: np.ndarray, run: RunData, opts: Wen2018Options) -> dict:
+    """Single-layer scores (n_layers, n_voxels), best layer per voxel, counts per ROI."""
+    from analyses import layers as lay
+
+    slices = enc.feature_slices
+    z = enc.standardise(raw)
+    scores = lay.layer_scores(enc.predict_standardised, z, run.true, slices, score=opts.layer_score)
+    best = lay.best_layer(scores)
+    counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **run.rois}, len(slices))
+    return {"layers": list(slices), "scores": scores, "best": best, "counts": counts}
+
+
+def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
+    """best_layer.csv (voxels per best layer and mean layer index per ROI) and best_layer.png."""
+    from analyses import layers as lay
+
+    header = ["roi", "n_voxels", "mean_layer_index"] + [f"n_{name}" for name in res["layers"]]
+    rows = []
+    for roi, counts in res["counts"].items():
+        total = int(counts.sum())
+        mean = float((counts * np.arange(len(counts))).sum() / total) if total else float("nan")
+        rows.append([roi, total, mean, *[int(c) for c in counts]])
+    csv_path = _write_csv(out / "best_layer.csv", header, rows)
+    png = lay.plot_best_layer_per_roi({k: v for k, v in res["counts"].items()}, res["layers"],
+                                      out / "best_layer.png", title)
+    return [csv_path, png]
+
+
+# ----------------------------------------------------------------------------- images by category
+
+
+def image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A folder with one sub-folder of images per category -> (files, labels (n,) int64, category names).
+
+    Categories are the sub-folder names in sorted order; images are the files with an image suffix.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files, labels = [], []
+    for i, name in enumerate(names):
+        imgs = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files += imgs
+        labels += [i] * len(imgs)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names)) if names else np.zeros(0)
+    if len(names) < 2 or (counts < 2).any():
+        raise ValueError(f"{root}: needs >= 2 category sub-folders with >= 2 images each "
+                         f"(found {dict(zip(names, counts.tolist()))})")
+    return files, np.asarray(labels, dtype=np.int64), names
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))  # a writable copy (torchvision warns on read-only arrays)
+
+
+def synthetic_image_folder(out_dir: str | Path, categories: Sequence[str], n_per_category: int, size: int,
+                           seed: int = 0) -> Path:
+    """Draw ``n_per_category`` fresh images of each synthetic category (datamodules.synthetic_images) into
+    ``out_dir/<category>/NNNN.png``; an existing complete folder is reused. Written to a temporary folder
+    and renamed into place. The stream (seed 10_000 + seed) differs from the dataset generator's."""
+    from PIL import Image
+
+    from datamodules.synthetic_images import draw_image
+
+    out = Path(out_dir)
+    marker = out / "complete.json"
+    spec = {"categories": list(categories), "n_per_category": int(n_per_category), "size": int(size), "seed": int(seed)}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return out
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rngs = np.random.default_rng(10_000 + int(seed)).spawn(len(categories))
+    for name, rng in zip(categories, rngs):
+        (tmp / name).mkdir(parents=True)
+        for k, r in enumerate(rng.spawn(n_per_category)):
+            Image.fromarray(draw_image(name, r, int(size))).save(tmp / name / f"{k:04d}.png")
+    (tmp / "complete.json").write_text(json.dumps(spec))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_image_dir(run: RunData, opts: Wen2018Options) -> Path | None:
+    """``image_dir`` if given; for a run on a synthetic NSD-layout dataset a drawn set; else None."""
+    if opts.image_dir:
+        return Path(opts.image_dir)
+    root = run.info.get("data", {}).get("root")
+    meta = Path(root) / "synthetic.json" if root else None
+    if meta is None or not meta.is_file():
+        return None
+    params = json.loads(meta.read_text())
+    from datamodules.synthetic_images import CATEGORIES
+
+    names = [c for c in params.get("categories", CATEGORIES) if c in CATEGORIES]
+    size = int(params.get("image_size", 425))
+    folder = Path(opts.data_dir) / "virtual_fmri" / f"synthetic_n{opts.n_per_category}_px{size}_seed{opts.image_seed}"
+    return synthetic_image_folder(folder, names, opts.n_per_category, size, opts.image_seed)
+
+
+def virtual_fmri(enc, files: Sequence[Path], labels: np.ndarray, n_categories: int, per_layer: bool,
+                 batch_size: int = 32) -> tuple[cat.CategoryStats, dict[str, cat.CategoryStats]]:
+    """Predicted responses to every image, accumulated per category (and per single layer), batch by batch."""
+    from analyses import layers as lay
+
+    stats_all = cat.CategoryStats(n_categories, enc.n_voxels)
+    slices = enc.feature_slices if per_layer else {}
+    stats_layer = {name: cat.CategoryStats(n_categories, enc.n_voxels) for name in slices}
+    for start in range(0, len(files), batch_size):
+        images = [read_image(p) for p in files[start:start + batch_size]]
+        lab = labels[start:start + batch_size]
+        z = enc.standardise(enc.image_features(images, batch_size))
+        stats_all.update(enc.predict_standardised(z), lab)
+        for name in slices:
+            stats_layer[name].update(enc.predict_standardised(lay.keep_one_layer(z, slices, name)), lab)
+    return stats_all, stats_layer
+
+
+# ----------------------------------------------------------------------------- category organisation
+
+
+def semantic_matrix(enc, names: Sequence[str], opts: Wen2018Options) -> tuple[np.ndarray, str] | None:
+    """The semantic similarity to compare with: a CSV (``semantic`` = path) or CLIP text embeddings (``clip``)."""
+    if not opts.semantic:
+        return None
+    if str(opts.semantic).lower() != "clip":
+        return cat.load_similarity_csv(opts.semantic, names), str(opts.semantic)
+    import open_clip
+
+    from encoders.backbones import build_backbone, get_spec
+
+    if enc.backbone.spec.library == "open_clip":
+        model, spec = enc.backbone.model, enc.backbone.spec
+    else:
+        spec = get_spec(opts.clip_backbone)
+        if spec.library != "open_clip":
+            raise ValueError(f"analysis.semantic=clip needs an open_clip backbone; "
+                             f"clip_backbone={opts.clip_backbone!r} is not")
+        try:
+            model = build_backbone(opts.clip_backbone, pretrained=True).model
+        except Exception as err:  # noqa: BLE001  (WeightsError: not cached, no network)
+            raise ValueError(f"analysis.semantic=clip: {err}") from err
+    emb = cat.clip_text_embeddings(model, open_clip.get_tokenizer(spec.model_id), names, opts.clip_template)
+    return cat.cosine_similarity(emb), f"CLIP text ({spec.name}, '{opts.clip_template}')"
+
+
+def category_organisation(stats_all: cat.CategoryStats, stats_layer: dict[str, cat.CategoryStats],
+                          names: list[str], acc: dict, semantic: tuple[np.ndarray, str] | None,
+                          opts: Wen2018Options) -> dict:
+    """Similarity over the predictable voxels, clusters, Q and its p-value, semantic correlation, per-layer
+    similarity and Q, sub-clusters. Falls back to all finite voxels if fewer than 3 are predictable."""
+    voxels, rule = acc["predictable"], f"FDR q<{opts.q} and r>{opts.predictable_r}"
+    if voxels.sum() < 3:
+        voxels, rule = np.isfinite(acc["r"]), f"all voxels (only {int(acc['predictable'].sum())} predictable)"
+    sim = cat.category_similarity(stats_all.means, voxels)
+    out: dict = {"categories": names, "n_images": stats_all.counts.astype(int).tolist(),
+                 "voxels": rule, "n_voxels": int(voxels.sum()), "similarity": sim}
+    if len(names) >= 3:
+        W = cat.network(sim)
+        res = cat.cluster_categories(W, range(opts.k_min, opts.k_max + 1), seed=opts.seed)
+        p_q, _ = cat.modularity_pvalue(W, res, n_perm=opts.n_perm_modularity, seed=opts.seed,
+                                       recluster=opts.recluster)
+        out["clusters"] = {"labels": res.labels.tolist(), "k": res.k, "q": res.q, "p": p_q,
+                           "q_by_k": {str(k): v for k, v in res.q_by_k.items()}, "n_perm": opts.n_perm_modularity,
+                           "recluster": opts.recluster,
+                           "members": [[names[i] for i in np.flatnonzero(res.labels == c)] for c in range(res.k)]}
+        finer = cat.finer_clusters(stats_all, res, voxels, alpha=opts.finer_alpha, seed=opts.seed)
+        for entry in finer:
+            entry["members"] = [names[i] for i in entry["members"]]
+        out["finer"] = finer
+        if stats_layer:
+            per_layer = cat.layerwise_organisation({k: s.means for k, s in stats_layer.items()}, res.labels, voxels)
+            out["layers"] = {k: {"similarity": v["similarity"], "q": v["q"]} for k, v in per_layer.items()}
+    if semantic is not None and len(names) >= 3:
+        matrix, source = semantic
+        r, p = cat.similarity_correlation(sim, matrix, n_perm=opts.n_perm_semantic, seed=opts.seed)
+        out["semantic"] = {"source": source, "r": r, "p": p, "n_perm": opts.n_perm_semantic}
+        for name, block in out.get("layers", {}).items():
+            block["semantic_r"], block["semantic_p"] = cat.similarity_correlation(
+                block["similarity"], matrix, n_perm=opts.n_perm_semantic, seed=opts.seed)
+    return out
+
+
+def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndarray, path: Path, title: str) -> Path:
+    """One similarity matrix per layer (categories ordered by cluster) and Q per layer."""
+    plt = cat._pyplot()
+    names_l = list(layers_block)
+    order = np.argsort(labels, kind="stable")
+    fig, axes = plt.subplots(1, len(names_l) + 1, figsize=(2.6 * (len(names_l) + 1), 3))
+    for ax, name in zip(axes, names_l):
+        ax.imshow(np.asarray(layers_block[name]["similarity"])[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(f"{name}\nQ={layers_block[name]['q']:.2f}", fontsize=8)
+        ax.set_xticks(range(len(names)), [names[i] for i in order], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), [names[i] for i in order], fontsize=6)
+    axes[-1].plot(range(len(names_l)), [layers_block[n]["q"] for n in names_l], "o-")
+    axes[-1].set_xticks(range(len(names_l)), names_l, rotation=45, fontsize=7)
+    axes[-1].set_ylabel("signed modularity Q")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic: tuple | None, acc: dict,
+                     opts: Wen2018Options, out: Path, title: str, console: Console) -> tuple[dict, dict, list[Path]]:
+    """Virtual fMRI of the images (``image_folder(image_dir)``) and the category organisation, compared with
+    ``semantic`` (``semantic_matrix``, or None); writes dprime.csv/.png, category_maps.npz, categories.json,
+    similarity.png, layers_categories.csv/.png. Returns (categories.json's content, per-voxel arrays, files)."""
+    from analyses import stats
+
+    files: list[Path] = []
+    paths, labels, names = images
+    stats_all, stats_layer = virtual_fmri(enc, paths, labels, len(names), per_layer=len(enc.layers) >= 2,
+                                          batch_size=opts.batch_size)
+    d = stats_all.dprime()
+    sel, pref = cat.selectivity(d)
+    voxels = dict(dprime=d, selectivity=sel, preferred=pref, category_maps=stats_all.means)
+    rois = {"all": np.ones(d.shape[1], bool), **run.rois}
+    profile = cat.roi_profile(d, rois)
+    sel_summary = stats.roi_summary(sel, rois)
+    header = ["roi", "n_voxels", "top_category", "selectivity_mean", "selectivity_se"] + [f"dprime_{n}" for n in names]
+    rows = [[roi, int(rois[roi].sum()), names[int(np.nanargmax(v))] if np.isfinite(v).any() else "",
+             sel_summary[roi]["mean"], sel_summary[roi]["se"], *v.tolist()] for roi, v in profile.items()]
+    files.append(_write_csv(out / "dprime.csv", header, rows))
+    files.append(cat.plot_roi_profile({k: v for k, v in profile.items()}, names, out / "dprime.png",
+                                      f"mean d' per ROI ({len(paths)} images) — {title}"))
+    np.savez_compressed(out / "category_maps.npz", maps=stats_all.means.astype(np.float32),
+                        dprime=d.astype(np.float32), names=np.array(names), counts=stats_all.counts)
+    files.append(out / "category_maps.npz")
+    _print_dprime(console, rows)
+    organisation = category_organisation(stats_all, stats_layer, names, acc, semantic, opts)
+    organisation["image_dir"] = str(image_dir)
+    write_json(out / "categories.json", organisation)
+    files.append(out / "categories.json")
+    labels_c = np.asarray(organisation["clusters"]["labels"]) if "clusters" in organisation else None
+    q_text = (f"k={organisation['clusters']['k']}, Q={organisation['clusters']['q']:.2f} "
+              f"(p={organisation['clusters']['p']:.3g})") if labels_c is not None else "no clustering (< 3 categories)"
+    files.append(cat.plot_similarity(organisation["similarity"], names, labels_c, out / "similarity.png",
+                                     f"category similarity, {organisation['n_voxels']} voxels\n{q_text}"))
+    if "layers" in organisation:
+        layer_rows = [[name, b["q"], b.get("semantic_r"), b.get("semantic_p")]
+                      for name, b in organisation["layers"].items()]
+        files.append(_write_csv(out / "layers_categories.csv", ["layer", "q", "semantic_r", "semantic_p"], layer_rows))
+        files.append(plot_layers_categories(organisation["layers"], names, labels_c, out / "layers_categories.png",
+                                            f"single-layer category similarity and Q — {title}"))
+    console.print(f"categories: {q_text}; clusters {organisation.get('clusters', {}).get('members')}")
+    return organisation, voxels, files
+
+
+def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console: Console | None = None) -> dict:
+    """Every Wen 2018 analysis of one run; writes ``<run_dir>/<out_subdir>/`` and returns what it found.
+
+    Returns {"out_dir", "files", "notes", "wandb" (its run directory or None), "accuracy" (summary),
+    "best_layer" (counts per ROI or None),
+    "categories" (categories.json content or None)}.
+    """
+    opts = opts or Wen2018Options()
+    console = console or Console(quiet=True)
+    run_dir = Path(run_dir)
+    # every input is read and checked before anything is written
+    run = read_run(run_dir, opts.split, opts.rois)
+    notes: list[str] = []
+    enc = _load_encoder(run_dir, opts, notes)
+    image_dir = resolve_image_dir(run, opts) if enc is not None else None
+    images = image_folder(image_dir) if image_dir is not None else None
+    semantic = semantic_matrix(enc, images[2], opts) if images is not None else None
+    out = run_dir / opts.out_subdir
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run_dir.name}"
+
+    acc = accuracy(run, opts)
+    files.append(_write_csv(out / "accuracy.csv", acc["header"], acc["rows"]))
+    write_json(out / "accuracy.json", acc["summary"])
+    files += [out / "accuracy.json", plot_accuracy(acc, out / "accuracy.png", title)]
+    voxels = {k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r")}
+    n_blocks = acc["summary"].get("n_blocks")
+    if n_blocks is not None and math.factorial(min(n_blocks, 20)) * opts.q < 1:
+        notes.append(f"significance: {n_blocks} blocks of {opts.block} samples have only {math.factorial(n_blocks)} "
+                     f"orders, so no p-value can reach q={opts.q}; lower analysis.significance.block")
+    _print_accuracy(console, acc, title)
+
+    result: dict = {"out_dir": out, "accuracy": acc["summary"]}
+    # best layer
+    layer_res = None
+    if enc is not None and len(enc.layers) >= 2 and run.is_time_series:
+        notes.append("best layer: not available for time-series runs (the head reads HRF-convolved features per TR, "
+                     "which the run does not keep per layer)")
+    elif enc is not None and len(enc.layers) >= 2:
+        raw = test_features(enc, run)
+        if raw is None:
+            notes.append("best layer: the run's test features are not available (no cache, no stimulus file)")
+        else:
+            layer_res = best_layer_analysis(enc, raw, run, opts)
+            files += write_best_layer(layer_res, out, f"best layer per voxel ({opts.layer_score}) — {title}")
+            voxels.update(layer_scores=layer_res["scores"], best_layer=layer_res["best"])
+            _print_best_layer(console, layer_res)
+    elif enc is not None:
+        notes.append(f"best layer: the run used one layer ({enc.layers[0]}); train on several "
+                     f"(backbone.layers=[...]) or run a sweep over layers")
+    result["best_layer"] = ({k: v.tolist() for k, v in layer_res["counts"].items()} | {"layers": layer_res["layers"]}
+                            if layer_res else None)
+
+    # virtual fMRI and category organisation
+    organisation = None
+    if enc is not None and images is None:
+        notes.append("virtual fMRI: no images (give analysis.virtual_fmri.image_dir=<folder of category sub-folders>)")
+    elif enc is not None:
+        organisation, maps_voxels, written = write_categories(enc, run, image_dir, images, semantic, acc, opts, out,
+                                                              title, console)
+        voxels.update(maps_voxels)
+        files += written
+    result["categories"] = organisation
+
+    np.savez_compressed(out / "voxels.npz", **{k: np.asarray(v) for k, v in voxels.items()})
+    files.append(out / "voxels.npz")
+    (out / "notes.json").unlink(missing_ok=True)  # never a stale one from an earlier analysis
+    if notes:
+        write_json(out / "notes.json", {"notes": notes})
+        files.append(out / "notes.json")
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
+    result["files"] = files
+    result["notes"] = notes
+    result["wandb"] = _log_wandb(run_dir, run.info, files, opts)
+    return result
+
+
+def _load_encoder(run_dir: Path, opts: Wen2018Options, notes: list[str]):
+    """The run's TrainedEncoder for image-based analyses, or None (with a note) when it predicts from
+    datamodule-transformed features only."""
+    from encoders.trained import load_trained
+
+    enc = load_trained(run_dir, device=opts.device)
+    if not enc.takes_backbone_features:
+        notes.append("best layer and virtual fMRI: the run's head reads datamodule-transformed features "
+                     "(e.g. video PCA + HRF), not image features")
+        return None
+    return enc
+
+
+# ----------------------------------------------------------------------------- sweep form
+
+
+def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val") -> list[Path]:
+    """Best layer per voxel across runs that differ only in their single layer (held-out r of ``split``).
+
+    Runs are grouped by (backbone, head, dataset, subject); a group needs >= 2 runs with different single
+    layers and the same voxels. Writes wen2018_best_layer_<backbone>_<head>.csv/png into out_dir.
+    """
+    from analyses import layers as lay
+    from encoders.backbones import REGISTRY
+
+    groups: dict[tuple, list[tuple[str, Path]]] = defaultdict(list)
+    for d in run_dirs:
+        info_file = d / "run.json"
+        if not info_file.is_file():
+            continue
+        info = json.loads(info_file.read_text())
+        layers = info.get("layers") or []
+        data = info.get("data", {})
+        if len(layers) == 1:
+            key = (info.get("backbone"), info.get("head"), data.get("dataset"), data.get("subject"))
+            groups[key].append((layers[0], d))
+    written = []
+    for (backbone, head, _, _), members in groups.items():
+        if len({layer for layer, _ in members}) < 2:
+            continue
+        order = list(REGISTRY[backbone].layers) if backbone in REGISTRY else []
+        members = sorted(members, key=lambda m: order.index(m[0]) if m[0] in order else len(order))
+        scores, xyz, rois = [], None, None
+        for layer, d in members:
+            with np.load(d / "voxel_metrics.npz") as f:
+                if f"{split}_r" not in f.files:
+                    raise ValueError(f"{d / 'voxel_metrics.npz'}: no '{split}_r'")
+                if xyz is None:
+                    xyz = f["voxel_xyz"]
+                    rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
+                elif not np.array_equal(xyz, f["voxel_xyz"]):
+                    raise ValueError(f"{d}: its voxels differ from {members[0][1]}'s; cannot compare layers")
+                scores.append(f[f"{split}_r"].astype(np.float64))
+        best = lay.best_layer(np.stack(scores))
+        layer_names = [m[0] for m in members]
+        counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **rois}, len(layer_names))
+        stem = f"wen2018_best_layer_{backbone}_{head}"
+        header = ["roi", "n_voxels"] + [f"n_{n}" for n in layer_names]
+        rows = [[roi, int(c.sum()), *c.tolist()] for roi, c in counts.items()]
+        written.append(_write_csv(out_dir / f"{stem}.csv", header, rows))
+        written.append(lay.plot_best_layer_per_roi(counts, layer_names, out_dir / f"{stem}.png",
+                                                   f"best layer per voxel ({split} r, one run per layer): {backbone}/{head}"))
+    return written
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run_wen2018(cfg, target: Path) -> None:
+    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir), then the sweep form of the best layer."""
+    from omegaconf import OmegaConf
+
+    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
+    data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
+    opts = Wen2018Options.from_config(analysis, data_dir=str(data_dir))
+    run_dirs = find_runs(target)
+    if not run_dirs:
+        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    console = Console(width=120)
+    for d in run_dirs:
+        console.rule(str(d))
+        res = analyse_run(d, opts, console)
+        console.print(f"wrote {len(res['files'])} files to {res['out_dir']}")
+    if len(run_dirs) > 1:
+        for path in sweep_best_layer(run_dirs, target, opts.sweep_split):
+            console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def _write_csv(path: Path, header: list, rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[_cell(v) for v in row] for row in rows])
+    return path
+
+
+def _cell(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if not np.isfinite(v) else f"{float(v):.6g}"
+    return v
+
+
+def _fmt(v, digits=3) -> str:
+    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
+        f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def _print_accuracy(console: Console, acc: dict, title: str) -> None:
+    s = acc["summary"]
+    table = Table(title=f"accuracy ({s['method']}, FDR q<{s['q']}) — {title}")
+    for col in ("ROI", "voxels", "significant", "mean r ± SE", "mean NC-r"):
+        table.add_column(col, justify="left" if col == "ROI" else "right")
+    for row in acc["rows"]:
+        table.add_row(row[0], str(row[1]), str(row[3]), f"{_fmt(row[6])} ± {_fmt(row[7])}", _fmt(row[10]))
+    console.print(table)
+
+
+def _print_best_layer(console: Console, res: dict) -> None:
+    table = Table(title="voxels per best layer")
+    table.add_column("ROI")
+    for name in res["layers"]:
+        table.add_column(name, justify="right")
+    for roi, counts in res["counts"].items():
+        table.add_row(roi, *[str(int(c)) for c in counts])
+    console.print(table)
+
+
+def _print_dprime(console: Console, rows: list[list]) -> None:
+    table = Table(title="category selectivity (mean d' per ROI)")
+    for col in ("ROI", "top category", "max d' (mean ± SE)"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row[0], row[2], f"{_fmt(row[3], 2)} ± {_fmt(row[4], 2)}")
+    console.print(table)
+
+
+def _log_wandb(run_dir: Path, info: dict, files: list[Path], opts: Wen2018Options) -> str | None:
+    """Log the figures (wandb.Image) and tables (wandb.Table) to a W&B run in the run's group.
+
+    wandb "auto": only if the run trained with logger=wandb; true/false force it. Offline unless
+    WANDB_API_KEY is set or WANDB_MODE says otherwise (analyses.dashboard.wandb_mode, as train.py).
+    Returns the W&B run directory, or None when nothing was logged.
+    """
+    choice = str(opts.wandb).lower()
+    if choice in ("false", "none", "off"):
+        return None
+    from analyses.dashboard import run_config, run_group, run_tags, wandb_mode
+
+    config = run_config(run_dir)
+    if choice == "auto" and "wandb" not in (config.get("logger") or {}):
+        return None
+    import wandb
+
+    run = wandb.init(project=((config.get("logger") or {}).get("wandb") or {}).get("project", "brainprobe"),
+                     group=run_group(config, run_dir.parent.name), job_type="analysis-wen2018",
+                     name=f"wen2018-{run_dir.name}", tags=run_tags(info), dir=str(run_dir), mode=wandb_mode(),
+                     config={"run_dir": str(run_dir), **{f.name: getattr(opts, f.name) for f in fields(opts)
+                                                          if f.name != "notes"}}, reinit="create_new")
+    try:
+        payload = {}
+        for path in files:
+            if path.suffix == ".png":
+                payload[f"wen2018/{path.stem}"] = wandb.Image(str(path))
+            elif path.suffix == ".csv":
+                with open(path, newline="") as f:
+                    rows = list(csv.reader(f))
+                payload[f"wen2018/{path.stem}"] = wandb.Table(columns=rows[0], data=rows[1:])
+        run.log(payload)
+        with open(run_dir / opts.out_subdir / "accuracy.json") as f:
+            run.summary.update({f"wen2018/{k}": v for k, v in json.load(f).items() if isinstance(v, (int, float))})
+        directory = run.dir
+    finally:
+        run.finish()
+    return str(Path(directory).parent)
