@@ -1,0 +1,805 @@
+"""``analyze.py analysis=localizer``: category-selective units of a run's network vs the brain's
+category-selective regions (Dipani & Murty 2026), over one run or a sweep (e.g. one run per subject).
+
+    python analyze.py analysis=localizer run_dir=outputs/runs/<run>
+    python analyze.py analysis=localizer sweep_dir=outputs/multirun/<date>   # subjects 1 and 2: + human–human ceiling
+
+Library use (no Hydra): ``analyse(run_dirs, out_dir, LocalizerOptions(...))``.
+
+What it does, into ``<run_dir or sweep_dir>/<out_subdir>/``:
+
+* localizer: the images of a localizer set (a folder with one sub-folder of images per category,
+  fLoc-style; sub-folder names mapped to domains by ``domains``, e.g. adult/child -> face) go through the
+  run's backbone (its own weights, rebuilt and checked by ``encoders.trained.load_trained``) and, with
+  ``compare_random``, the same architecture at random init; per layer, unit and category a Welch t of
+  the category vs every other image (streamed per-category sums); units with t > ``t_threshold`` (or the
+  top ``top_percent`` %) are selective. -> unit_counts.csv/png, units.npz (every t-map).
+  Without ``localizer_dir``, runs on the synthetic dataset draw their six categories afresh
+  (``synthetic_seeds``: one set per seed, the first is the main localizer).
+* localizer dependence: every further set (``alt_localizer_dirs`` or further synthetic seeds) is
+  localized too; Jaccard overlap of its selected units with the main set's. -> overlap.csv
+* brain regions: per category, the union of the run's ROIs in ``regions`` (voxel_metrics roi_* masks,
+  NSD floc-* names) or a user t-map over the run's voxels (``tmaps``, t > ``tmap_threshold``). Single
+  trials at those voxels are read from the run's NSD-layout betas (z-scored per session like the run),
+  and every test image's trials split alternately into two halves.
+* comparison on the images common to every subject's test set (with >= ``min_trials`` trials): tuning =
+  Pearson r between the selected units' mean response profile and the region's mean response profile;
+  geometry = ``rdm_similarity`` (Pearson/Spearman) of the upper triangles of 1 - r RDMs; each with its
+  split-half noise correction (score / sqrt(region reliability)) and bootstrap CIs over images.
+  Human–human ceiling: the same measures between two subjects' regions, noise-corrected with both
+  subjects' split halves. -> comparison.csv, ceiling.csv, comparison.png
+* encoding lesions (main localizer, run weights): ridge (RidgeCV, per-voxel alpha by CV on the run's
+  training images) from all units / all but the selective units / the selective units / random subsets
+  of matched sizes, scored on the run's test images in the region. -> lesions.csv, lesions.png
+* localizer.json: options, localizer sets, runs, notes and every table as records.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from analyses import localizer as loc
+from analyses.categories import CategoryStats
+from analyses.summary import find_runs
+from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
+from encoders.run_record import write_json
+
+
+DEFAULT_REGIONS = {"face": ["FFA-1", "FFA-2"], "body": ["EBA"], "place": ["PPA"], "word": ["VWFA-1", "VWFA-2"]}
+
+
+@dataclass
+class LocalizerOptions:
+    """Every knob of the analysis (conf/analysis/localizer.yaml documents each)."""
+
+    localizer_dir: str | None = None
+    alt_localizer_dirs: list[str] = field(default_factory=list)
+    synthetic_n_per_category: int = 40
+    synthetic_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    domains: dict[str, str] = field(default_factory=dict)
+    layers: str | list[str] | None = "all"
+    pooling: str | None = None
+    t_threshold: float = 7.0
+    top_percent: float | None = None
+    compare_random: bool = True
+    random_seed: int = 1
+    regions: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_REGIONS.items()})
+    tmaps: dict[str, str] = field(default_factory=dict)
+    tmap_threshold: float = 3.0
+    compare_layers: list[str] | None = None
+    standardise_units: bool = True
+    rdm_similarity: str = "spearman"
+    min_trials: int = 2
+    n_boot: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+    lesions: bool = True
+    lesion_n_random: int = 10
+    lesion_alphas: list[float] | None = None
+    lesion_cv: int = 5
+    batch_size: int = 32
+    device: str = "cpu"
+    data_dir: str = "data"
+    out_subdir: str = "localizer"
+
+    @classmethod
+    def from_config(cls, analysis: dict, data_dir: str | None = None) -> "LocalizerOptions":
+        flat = {k: v for k, v in analysis.items() if k != "name"}
+        if data_dir is not None:
+            flat.setdefault("data_dir", data_dir)
+        unknown = sorted(set(flat) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"analysis: unknown localizer option(s) {unknown}")
+        opts = cls(**flat)
+        if opts.rdm_similarity not in ("pearson", "spearman"):
+            raise ValueError(f"analysis.rdm_similarity must be pearson or spearman, got {opts.rdm_similarity!r}")
+        if opts.min_trials < 2:
+            raise ValueError(f"analysis.min_trials must be >= 2 (split halves), got {opts.min_trials}")
+        if opts.top_percent is not None and not 0 < float(opts.top_percent) <= 100:
+            raise ValueError(f"analysis.top_percent must lie in (0, 100], got {opts.top_percent}")
+        return opts
+
+
+# ----------------------------------------------------------------------------- localizer image sets
+
+
+@dataclass
+class LocalizerSet:
+    """A localizer image set: files (n,), labels (n,) codes into ``categories`` (domains), and its source."""
+
+    name: str
+    source: str
+    files: list[Path]
+    labels: np.ndarray
+    categories: list[str]
+
+    def counts(self) -> dict[str, int]:
+        return dict(zip(self.categories, np.bincount(self.labels, minlength=len(self.categories)).tolist()))
+
+
+def read_localizer_set(folder: str | Path, domains: dict[str, str], name: str) -> LocalizerSet:
+    """A folder of category sub-folders; sub-folder names mapped through ``domains`` (unmapped: kept)."""
+    files, labels, names = image_folder(folder)
+    mapped = [domains.get(n, n) for n in names]
+    categories = list(dict.fromkeys(mapped))
+    codes = np.array([categories.index(m) for m in mapped], dtype=np.int64)[labels]
+    if len(categories) < 2:
+        raise ValueError(f"{folder}: its sub-folders {names} map to one domain {categories}; a contrast needs >= 2")
+    return LocalizerSet(name, str(folder), files, codes, categories)
+
+
+def localizer_sets(opts: LocalizerOptions, runs: list["Run"]) -> list[LocalizerSet]:
+    """The main localizer set and the alternatives: given folders, or drawn synthetic sets."""
+    if opts.localizer_dir:
+        dirs = [opts.localizer_dir, *opts.alt_localizer_dirs]
+        return [read_localizer_set(d, opts.domains, f"localizer{i}" if i else "main") for i, d in enumerate(dirs)]
+    meta = next((Path(r.data["root"]) / "synthetic.json" for r in runs
+                 if r.data.get("root") and (Path(r.data["root"]) / "synthetic.json").is_file()), None)
+    if meta is None:
+        raise ValueError("analysis.localizer_dir: give a localizer image folder (one sub-folder of images per "
+                         "category, e.g. fLoc's); only runs on the synthetic dataset have a drawn default")
+    from datamodules.synthetic_images import CATEGORIES
+
+    params = json.loads(meta.read_text())
+    names = [c for c in params.get("categories", CATEGORIES) if c in CATEGORIES]
+    size = int(params.get("image_size", 425))
+    out = []
+    for i, seed in enumerate(opts.synthetic_seeds):
+        folder = Path(opts.data_dir) / "localizer" / f"synthetic_n{opts.synthetic_n_per_category}_px{size}_seed{seed}"
+        synthetic_image_folder(folder, names, opts.synthetic_n_per_category, size, seed)
+        out.append(read_localizer_set(folder, opts.domains, f"synthetic_seed{seed}" if i else "main"))
+    if not out:
+        raise ValueError("analysis.synthetic_seeds is empty: no localizer set")
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """What the analysis reads from a run directory."""
+
+    dir: Path
+    config: dict
+    info: dict
+    split: dict
+    voxel_xyz: np.ndarray
+    rois: dict[str, np.ndarray]
+    test_ids: np.ndarray
+    test_true: np.ndarray
+    localizer_key: str = ""     # which localized backbone its units come from (set by analyse)
+
+    @property
+    def data(self) -> dict:
+        return self.info.get("data", {})
+
+    @property
+    def subject_key(self) -> tuple:
+        return str(self.data.get("root")), self.data.get("subject")
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.get('backbone', '?')} sub{self.data.get('subject', '?')} ({self.dir.name})"
+
+
+def read_run(run_dir: Path) -> Run:
+    """config.yaml, run.json, split.json, voxel_metrics.npz and predictions.npz of a run; errors name the file."""
+    for name in ("config.yaml", "run.json", "split.json", "voxel_metrics.npz", "predictions.npz"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name}: not found (is {run_dir} a run directory?)")
+    with np.load(run_dir / "voxel_metrics.npz") as f:
+        if "voxel_xyz" not in f.files:
+            raise ValueError(f"{run_dir / 'voxel_metrics.npz'}: no 'voxel_xyz'")
+        xyz = f["voxel_xyz"]
+        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
+    with np.load(run_dir / "predictions.npz") as f:
+        missing = [k for k in ("test_ids", "test_true") if k not in f.files]
+        if missing:
+            raise ValueError(f"{run_dir / 'predictions.npz'}: no {missing}")
+        ids, true = f["test_ids"], f["test_true"]
+    return Run(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
+               json.loads((run_dir / "run.json").read_text()), json.loads((run_dir / "split.json").read_text()),
+               xyz, rois, ids.astype(np.int64), true)
+
+
+def is_nsd_layout(run: Run) -> bool:
+    """The run's data is NSD-layout (nsd / synthetic): betas that can be read trial by trial at any voxels."""
+    data = run.data
+    if not {"root", "subject", "space", "sessions"} <= data.keys():
+        return False
+    from datamodules.nsd_files import NSDPaths
+
+    try:
+        return NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format")).expdesign.is_file()
+    except ValueError:
+        return False
+
+
+def read_region_trials(run: Run, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every trial of the run's sessions at the run's voxels ``columns`` (indices into its voxels), z-scored
+    per session as the run's data were: (trial ids (n_trials,) in presentation order, values (n_trials, n)).
+
+    Reads one session at a time at those voxels only (``datamodules.nsd_files.read_session``).
+    """
+    from datamodules.errors import DataError
+    from datamodules.nsd_files import NSDPaths, read_expdesign, read_labels, read_session, session_trials
+    from datamodules.preprocessing import zscore_trials
+
+    data = run.data
+    try:
+        paths = NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format"))
+        design = read_expdesign(paths.expdesign)
+        layout = read_labels(paths, data.get("roi_mask", "nsdgeneral")).layout
+        locs = run.voxel_xyz[np.asarray(columns)].astype(np.int64)
+        ids, values = [], []
+        for session in data["sessions"]:
+            n_trials, _, _ = session_trials(paths, int(session))
+            betas = read_session(paths, int(session), locs, layout)
+            if data.get("zscore", True):
+                zscore_trials(betas, inplace=True)
+            else:
+                np.nan_to_num(betas, copy=False)
+            ids.append(design.trial_stimuli(paths.subject, int(session), n_trials))
+            values.append(betas)
+    except DataError as err:
+        raise ValueError(f"{run.dir}: reading its betas: {err}") from err
+    return np.concatenate(ids).astype(np.int64), np.concatenate(values)
+
+
+def region_masks(run: Run, opts: LocalizerOptions, notes: list[str]) -> dict[str, np.ndarray]:
+    """{category: bool (n_voxels,)} over the run's voxels: a t-map (``tmaps``) or the union of ROIs (``regions``)."""
+    n_vox = len(run.voxel_xyz)
+    out = {}
+    for category in dict.fromkeys([*opts.regions, *opts.tmaps]):
+        if category in opts.tmaps:
+            path = Path(str(opts.tmaps[category]).replace("{subject}", str(run.data.get("subject"))))
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: t-map for '{category}' not found")
+            t = np.load(path)
+            if t.shape != (n_vox,):
+                raise ValueError(f"{path}: t-map of shape {t.shape}, expected ({n_vox},): one t per voxel of {run.dir}")
+            mask = np.nan_to_num(t.astype(np.float64), nan=-np.inf) > opts.tmap_threshold
+            source = f"t-map {path.name} > {opts.tmap_threshold}"
+        else:
+            names = [r for r in opts.regions[category] if r in run.rois]
+            missing = [r for r in opts.regions[category] if r not in run.rois]
+            if missing:
+                notes.append(f"{run.dir.name}: ROI(s) {missing} for '{category}' not in the run (has {sorted(run.rois)})")
+            mask = np.zeros(n_vox, bool)
+            for r in names:
+                mask |= run.rois[r]
+            source = "+".join(names)
+        if mask.sum() < 1:
+            notes.append(f"{run.dir.name}: the '{category}' region ({source or 'no ROI'}) has no voxels; skipped")
+            continue
+        out[category] = mask
+    return out
+
+
+@dataclass
+class SubjectBrain:
+    """One subject's region responses: per category the region's voxel columns, and every trial there."""
+
+    run: Run
+    regions: dict[str, np.ndarray]       # category -> bool (n_voxels,) over the run's voxels
+    columns: np.ndarray                  # the union of the regions: indices into the run's voxels
+    trial_ids: np.ndarray                # (n_trials,)
+    trial_values: np.ndarray             # (n_trials, len(columns))
+
+    def region_trials(self, category: str) -> np.ndarray:
+        """(n_trials, n_region_voxels) of the category's region."""
+        return self.trial_values[:, np.isin(self.columns, np.flatnonzero(self.regions[category]))]
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def backbone_layers(spec, requested, run_layers: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The layers to localize, in registry order: "all", None (the run's) or a list, plus ``extra``."""
+    if requested == "all":
+        wanted = list(spec.layers)
+    elif requested is None:
+        wanted = list(run_layers)
+    else:
+        wanted = [requested] if isinstance(requested, str) else list(requested)
+    wanted = set(wanted) | set(extra)
+    unknown = sorted(wanted - set(spec.layers))
+    if unknown:
+        raise ValueError(f"analysis.layers: unknown layer(s) {unknown} of backbone '{spec.name}' "
+                         f"(layers: {', '.join(spec.layers)})")
+    return [name for name in spec.layers if name in wanted]
+
+
+def weights_label(backbone_cfg: dict, seed) -> str:
+    if backbone_cfg.get("weights_path"):
+        return f"weights file {Path(str(backbone_cfg['weights_path'])).name}"
+    if backbone_cfg.get("pretrained"):
+        return "pretrained"
+    return f"random-init (seed {seed})"
+
+
+@torch.no_grad()
+def images_features(backbone, images, batch_size: int) -> dict[str, np.ndarray]:
+    """uint8 images (a sequence of (H, W, 3)) -> {layer: (n, width) float32} through the backbone's transform."""
+    out = defaultdict(list)
+    device = next(backbone.model.parameters()).device
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([backbone.transform(np.asarray(im)) for im in images[start:start + batch_size]])
+        for name, f in backbone.forward_layers(x.to(device)).items():
+            out[name].append(f.cpu().numpy())
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def localize(backbone, sets: list[LocalizerSet], opts: LocalizerOptions) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{set name: {layer: {category: t (n_units,)}}}: streamed per-category sums per layer, then Welch t."""
+    out = {}
+    for lset in sets:
+        acc: dict[str, CategoryStats] = {}
+        for start in range(0, len(lset.files), opts.batch_size):
+            batch = [read_image(p) for p in lset.files[start:start + opts.batch_size]]
+            labels = lset.labels[start:start + opts.batch_size]
+            for layer, f in images_features(backbone, batch, opts.batch_size).items():
+                if layer not in acc:
+                    acc[layer] = CategoryStats(len(lset.categories), f.shape[1])
+                acc[layer].update(f, labels)
+        out[lset.name] = {layer: {c: loc.contrast_t(s, i)[0] for i, c in enumerate(lset.categories)}
+                          for layer, s in acc.items()}
+    return out
+
+
+def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Activations of ``layers`` (localizer pooling) for stimulus ids: the run's feature cache where the
+    layer and pooling are the run's own, else computed from the NSD stimulus file."""
+    out = {}
+    same_units = backbone.pooling == enc.backbone.pooling and backbone.normalize == enc.backbone.normalize
+    cached_layers = [name for name in layers if same_units and name in enc.layers]
+    if cached_layers:
+        raw = enc.cached_features(ids)
+        if raw is not None:
+            out = {name: raw[:, enc.feature_slices[name]] for name in cached_layers}
+    todo = [name for name in layers if name not in out]
+    if todo:
+        from datamodules.nsd_files import NSDPaths, StimulusBrick
+
+        brick = StimulusBrick(NSDPaths(Path(run.data["root"]), int(run.data["subject"]), run.data["space"],
+                                       run.data.get("beta_format")).stimuli)
+        feats = defaultdict(list)
+        for start in range(0, len(ids), 256):
+            chunk = images_features(backbone, [brick.image(int(i)) for i in ids[start:start + 256]], batch_size)
+            for name in todo:
+                feats[name].append(chunk[name])
+        out.update({name: np.concatenate(feats[name]) for name in todo})
+    return out
+
+
+# ----------------------------------------------------------------------------- the analysis
+
+
+def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | None = None,
+            console: Console | None = None) -> dict:
+    """Every part of the analysis over these runs; writes ``out_dir`` and returns the tables as records."""
+    from encoders.backbones import FrozenBackbone
+    from encoders.trained import load_trained, rebuild_backbone
+
+    opts = opts or LocalizerOptions()
+    console = console or Console(quiet=True)
+    runs = [read_run(Path(d)) for d in run_dirs]
+    if not runs:
+        raise FileNotFoundError(f"{out_dir.parent}: no run directories")
+    notes: list[str] = []
+    brain_runs = [r for r in runs if is_nsd_layout(r)]
+    for r in runs:
+        if r not in brain_runs:
+            notes.append(f"{r.dir.name}: data '{r.data.get('dataset')}' is not NSD-layout: units only, no brain comparison")
+    regions = {r.dir: region_masks(r, opts, notes) for r in brain_runs}  # bad t-maps fail here, before any work
+    sets = localizer_sets(opts, runs)
+    main = sets[0]
+    pooling_note = opts.pooling or "the run's"
+
+    # --- units: localize per distinct backbone (run weights, and random init of the same architecture)
+    encoders, masks, tmaps_units, count_rows, overlap_rows = {}, {}, {}, [], []
+    localized: dict[str, dict] = {}
+    for run in runs:
+        enc = load_trained(run.dir, device=opts.device)
+        if not enc.takes_backbone_features:
+            raise ValueError(f"{run.dir}: its head reads datamodule-transformed features (e.g. video PCA + HRF), "
+                             f"not a backbone layer's units")
+        encoders[run.dir] = enc
+        bb_cfg = run.config.get("backbone", {})
+        random_init = not bb_cfg.get("pretrained") and not bb_cfg.get("weights_path")
+        key = json.dumps({"backbone": bb_cfg, "seed": run.config.get("seed") if random_init else None}, sort_keys=True,
+                         default=str)
+        run.localizer_key = key
+        if key in localized:
+            continue
+        compare = opts.compare_layers or enc.layers
+        layers = backbone_layers(enc.backbone.spec, opts.layers, enc.layers, compare)
+        pooling = opts.pooling or enc.backbone.pooling
+        variants = {weights_label(bb_cfg, run.config.get("seed", 0)):
+                    FrozenBackbone(enc.backbone.spec, enc.backbone.model, layers, pooling, enc.backbone.normalize)}
+        same_random = random_init and int(run.config.get("seed", 0)) == int(opts.random_seed)
+        if opts.compare_random and same_random:
+            notes.append(f"{run.dir.name}: its backbone is the random init of seed {opts.random_seed} already; "
+                         f"set analysis.random_seed to another seed for a second random network")
+        elif opts.compare_random:
+            cfg_random = {"backbone": {**bb_cfg, "pretrained": False, "weights_path": None, "pooling": pooling},
+                          "seed": opts.random_seed}
+            variants[f"random-init (seed {opts.random_seed})"] = rebuild_backbone(cfg_random, layers).to(opts.device)
+        result = {}
+        for label, bb in variants.items():
+            console.print(f"localizing {enc.backbone.spec.name} ({label}): {len(layers)} layers, "
+                          f"{sum(len(s.files) for s in sets)} images")
+            result[label] = localize(bb, sets, opts)
+        run_label = next(iter(variants))
+        missing = [c for c in dict.fromkeys([*opts.regions, *opts.tmaps]) if c not in main.categories]
+        if missing:
+            notes.append(f"regions {missing} have no category in the localizer (categories: {main.categories}); "
+                         f"map its folder names with analysis.domains")
+        localized[key] = {"backbone": variants[run_label], "weights": run_label, "layers": layers, "t": result,
+                          "compare": list(compare), "name": enc.backbone.spec.name}
+        for label, per_set in result.items():
+            for set_name, per_layer in per_set.items():
+                for layer, per_cat in per_layer.items():
+                    for category, t in per_cat.items():
+                        m = loc.select_units(t, opts.t_threshold, opts.top_percent)
+                        masks[(key, label, set_name, layer, category)] = m
+                        tmaps_units[f"{enc.backbone.spec.name}__{label}__{set_name}__{layer}__{category}"] = t
+                        count_rows.append({"backbone": enc.backbone.spec.name, "weights": label,
+                                           "variant": "run" if label == run_label else "random", "localizer": set_name,
+                                           "layer": layer, "category": category, "n_units": int(t.size),
+                                           "n_selective": int(m.sum()), "percent": 100.0 * m.mean(),
+                                           "max_t": float(np.nanmax(t)) if np.isfinite(t).any() else float("nan")})
+            for other in sets[1:]:
+                for layer in per_set_layers(result[label]):
+                    for category in main.categories:
+                        if category in other.categories:
+                            a = masks[(key, label, main.name, layer, category)]
+                            b = masks[(key, label, other.name, layer, category)]
+                            overlap_rows.append({"backbone": enc.backbone.spec.name, "weights": label,
+                                                 "localizer_a": main.name, "localizer_b": other.name, "layer": layer,
+                                                 "category": category, "n_a": int(a.sum()), "n_b": int(b.sum()),
+                                                 "n_both": int((a & b).sum()), "jaccard": loc.jaccard(a, b)})
+
+    # --- brain: per data root, the subjects' regions and trials
+    comparison_rows, ceiling_rows, lesion_rows = [], [], []
+    by_root = defaultdict(list)
+    for r in brain_runs:
+        by_root[str(r.data["root"])].append(r)
+    for root, group in by_root.items():
+        subjects: dict = {}
+        for r in group:
+            if r.subject_key in subjects:
+                continue
+            if not regions[r.dir]:
+                continue
+            columns = np.flatnonzero(np.any(np.stack(list(regions[r.dir].values())), axis=0))
+            console.print(f"reading subject {r.data['subject']}'s trials at {columns.size} region voxels")
+            ids, values = read_region_trials(r, columns)
+            subjects[r.subject_key] = SubjectBrain(r, regions[r.dir], columns, ids, values)
+        if not subjects:
+            continue
+        common = None
+        for brain in subjects.values():
+            test_ids = np.unique(brain.run.test_ids)
+            counts = np.array([np.sum(brain.trial_ids == i) for i in test_ids])
+            kept = test_ids[counts >= opts.min_trials]
+            common = kept if common is None else np.intersect1d(common, kept)
+        if common.size < 10:
+            raise ValueError(f"{root}: only {common.size} test images with >= {opts.min_trials} trials are common to "
+                             f"the subjects {[k[1] for k in subjects]}; need >= 10")
+        brain_views = {k: brain_measures(b, common, opts) for k, b in subjects.items()}
+        # human–human ceiling
+        for (ka, va), (kb, vb) in itertools.combinations(brain_views.items(), 2):
+            for category in va:
+                if category not in vb:
+                    continue
+                for measure in ("tuning", "rdm"):
+                    res = loc.consistency(similarity_fn(measure, opts), va[category][measure], vb[category][measure],
+                                          va[category][f"{measure}_halves"], vb[category][f"{measure}_halves"],
+                                          n_boot=opts.n_boot, seed=opts.seed, level=opts.ci, n_images=common.size)
+                    ceiling_rows.append({"subject_a": ka[1], "subject_b": kb[1], "category": category,
+                                         "n_voxels_a": int(va[category]["n_voxels"]),
+                                         "n_voxels_b": int(vb[category]["n_voxels"]),
+                                         "measure": measure, **flatten_result(res)})
+        # model vs brain, and lesions
+        for r in group:
+            brain = subjects.get(r.subject_key)
+            if brain is None:
+                continue
+            enc, unit_info = encoders[r.dir], localized[r.localizer_key]
+            views = brain_views[r.subject_key]
+            feats = run_features(r, enc, unit_info["backbone"], unit_info["compare"], common, opts.batch_size)
+            for layer in unit_info["compare"]:
+                acts = feats[layer].astype(np.float64)
+                for lset in sets:
+                    for category, view in views.items():
+                        m = masks.get((r.localizer_key, unit_info["weights"], lset.name, layer, category))
+                        if m is None:
+                            continue
+                        base = {"run": r.dir.name, "backbone": unit_info["name"], "weights": unit_info["weights"],
+                                "subject": r.data.get("subject"), "layer": layer, "localizer": lset.name,
+                                "category": category, "n_units": int(m.sum()), "n_voxels": int(view["n_voxels"])}
+                        if not m.any():
+                            for measure in ("tuning", "rdm"):
+                                comparison_rows.append({**base, "measure": measure, **flatten_result(None)})
+                            continue
+                        unit_views = {"tuning": loc.unit_profile(acts[:, m], opts.standardise_units),
+                                      "rdm": loc.correlation_rdm(acts[:, m], opts.standardise_units)}
+                        for measure in ("tuning", "rdm"):
+                            res = loc.consistency(similarity_fn(measure, opts), unit_views[measure], view[measure],
+                                                  None, view[f"{measure}_halves"], n_boot=opts.n_boot, seed=opts.seed,
+                                                  level=opts.ci, n_images=common.size)
+                            comparison_rows.append({**base, "measure": measure, **flatten_result(res)})
+            if opts.lesions:
+                lesion_rows += lesions_for_run(r, enc, unit_info, brain, masks, main, opts, console, notes)
+    if not brain_runs:
+        notes.append("no run with NSD-layout data: selective-unit counts only")
+
+    # --- outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [write_csv(out_dir / "unit_counts.csv", count_rows),
+             plot_counts(count_rows, main.name, out_dir / "unit_counts.png", opts)]
+    np.savez_compressed(out_dir / "units.npz", **{k: v.astype(np.float32) for k, v in tmaps_units.items()})
+    files.append(out_dir / "units.npz")
+    if overlap_rows:
+        files.append(write_csv(out_dir / "overlap.csv", overlap_rows))
+    if comparison_rows:
+        files.append(write_csv(out_dir / "comparison.csv", comparison_rows))
+        if ceiling_rows:
+            files.append(write_csv(out_dir / "ceiling.csv", ceiling_rows))
+        files.append(plot_comparison(comparison_rows, ceiling_rows, main.name, out_dir / "comparison.png"))
+    if lesion_rows:
+        files.append(write_csv(out_dir / "lesions.csv", lesion_rows))
+        files.append(plot_lesions(lesion_rows, out_dir / "lesions.png"))
+    summary = {"runs": [str(r.dir) for r in runs], "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
+               "localizers": [{"name": s.name, "source": s.source, "images": s.counts()} for s in sets],
+               "units": f"{pooling_note} pooling", "unit_counts": count_rows, "overlap": overlap_rows,
+               "comparison": comparison_rows, "ceiling": ceiling_rows, "lesions": lesion_rows, "notes": notes}
+    write_json(out_dir / "localizer.json", summary)
+    files.append(out_dir / "localizer.json")
+    print_tables(console, count_rows, comparison_rows, ceiling_rows, lesion_rows, main.name)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return {**summary, "out_dir": out_dir, "files": files}
+
+
+def per_set_layers(per_set: dict) -> list[str]:
+    first = next(iter(per_set.values()))
+    return list(first)
+
+
+def similarity_fn(measure: str, opts: LocalizerOptions):
+    if measure == "tuning":
+        return loc.profile_similarity
+    return lambda a, b, idx: loc.rdm_similarity(a, b, idx, opts.rdm_similarity)
+
+
+def brain_measures(brain: SubjectBrain, common: np.ndarray, opts: LocalizerOptions) -> dict[str, dict]:
+    """Per category: the region's mean profile and RDM over the common images, and their split-half versions."""
+    out = {}
+    for category in brain.regions:
+        full, half_a, half_b, k_a, k_b, kept = loc.split_halves(brain.trial_ids, brain.region_trials(category), common,
+                                                                opts.min_trials)
+        assert np.array_equal(kept, common)
+        out[category] = {"n_voxels": full.shape[1],
+                         "tuning": full.mean(1), "tuning_halves": (half_a.mean(1), half_b.mean(1), k_a, k_b),
+                         "rdm": loc.correlation_rdm(full),
+                         "rdm_halves": (loc.correlation_rdm(half_a), loc.correlation_rdm(half_b), k_a, k_b)}
+    return out
+
+
+def flatten_result(res: dict | None) -> dict:
+    """consistency() -> flat table columns (NaN everywhere for None)."""
+    keys = ("score", "score_ci", "score_nc", "score_nc_ci", "reliability_x", "reliability_x_ci", "reliability_y",
+            "reliability_y_ci")
+    out = {}
+    for k in keys:
+        v = res.get(k, float("nan")) if res else (float("nan"), float("nan")) if k.endswith("_ci") else float("nan")
+        if k.endswith("_ci"):
+            out[f"{k[:-3]}_lo"], out[f"{k[:-3]}_hi"] = v
+        else:
+            out[k] = v
+    out["n_images"] = res["n_images"] if res else 0
+    return out
+
+
+def lesions_for_run(run: Run, enc, unit_info: dict, brain: SubjectBrain, masks: dict, main: LocalizerSet,
+                    opts: LocalizerOptions, console: Console, notes: list[str]) -> list[dict]:
+    """Ridge on unit subsets of each compared layer, per category region; train = the run's train split."""
+    train_ids = np.asarray(run.split.get("train", []), dtype=np.int64)
+    test_ids = np.unique(run.test_ids)
+    if train_ids.size < opts.lesion_cv:
+        notes.append(f"{run.dir.name}: {train_ids.size} training images; no lesions")
+        return []
+    feats_train = run_features(run, enc, unit_info["backbone"], unit_info["compare"], train_ids, opts.batch_size)
+    feats_test = run_features(run, enc, unit_info["backbone"], unit_info["compare"], test_ids, opts.batch_size)
+    head = run.config.get("head", {})
+    alphas = opts.lesion_alphas if opts.lesion_alphas is not None else head.get("alphas")
+    rows = []
+    for category in brain.regions:
+        values = brain.region_trials(category)
+        Y_train = loc.image_means(brain.trial_ids, values, train_ids)
+        Y_test = loc.image_means(brain.trial_ids, values, test_ids)
+        for layer in unit_info["compare"]:
+            m = masks.get((run.localizer_key, unit_info["weights"], main.name, layer, category))
+            if m is None:
+                continue
+            console.print(f"lesions: {run.dir.name} {layer} {category} ({int(m.sum())} of {m.size} units selective)")
+            for row in loc.encoding_lesions(feats_train[layer], Y_train, feats_test[layer], Y_test, m,
+                                            n_random=opts.lesion_n_random, seed=opts.seed, alphas=alphas,
+                                            cv=opts.lesion_cv, device=opts.device if opts.device != "cpu" else None):
+                rows.append({"run": run.dir.name, "backbone": unit_info["name"], "subject": run.data.get("subject"),
+                             "layer": layer, "category": category, "n_voxels": int(values.shape[1]),
+                             "n_train": int(train_ids.size), "n_test": int(test_ids.size), **row})
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else
+                                 f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_counts(rows: list[dict], set_name: str, path: Path, opts: LocalizerOptions) -> Path:
+    """% selective units per layer and category (main localizer): solid = the run's weights, dashed = random."""
+    plt = _pyplot()
+    rows = [r for r in rows if r["localizer"] == set_name]
+    groups = list(dict.fromkeys((r["backbone"], r["weights"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {}
+    for backbone, weights in groups:
+        sel = [r for r in rows if (r["backbone"], r["weights"]) == (backbone, weights)]
+        layers = list(dict.fromkeys(r["layer"] for r in sel))
+        style = "--" if sel[0]["variant"] == "random" else "-"
+        for category in dict.fromkeys(r["category"] for r in sel):
+            y = [next(r["percent"] for r in sel if r["layer"] == layer and r["category"] == category) for layer in layers]
+            colour = colours.setdefault(category, f"C{len(colours) % 10}")
+            ax.plot(range(len(layers)), y, style, marker="o", color=colour, label=f"{category} — {backbone} {weights}")
+        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
+    rule = f"top {opts.top_percent}%" if opts.top_percent is not None else f"t > {opts.t_threshold}"
+    ax.set_ylabel(f"% selective units ({rule})")
+    ax.set_title(f"category-selective units per layer ({set_name} localizer)", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: Path) -> Path:
+    """Noise-corrected tuning and RDM consistency per category: each run's units (main localizer) vs the
+    human–human ceiling, with bootstrap CIs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, measure in zip(axes, ("tuning", "rdm")):
+        model = [r for r in rows if r["measure"] == measure and r["localizer"] == set_name]
+        hh = [r for r in ceiling if r["measure"] == measure]
+        categories = list(dict.fromkeys([r["category"] for r in model] + [r["category"] for r in hh]))
+        series = list(dict.fromkeys(f"{r['backbone']} {r['layer']} → sub{r['subject']}" for r in model))
+        series += list(dict.fromkeys(f"human sub{r['subject_a']} ↔ sub{r['subject_b']}" for r in hh))
+        width = 0.8 / max(len(series), 1)
+        for j, name in enumerate(series):
+            pick = [r for r in model if f"{r['backbone']} {r['layer']} → sub{r['subject']}" == name] or \
+                   [r for r in hh if f"human sub{r['subject_a']} ↔ sub{r['subject_b']}" == name]
+            y, lo, hi = [], [], []
+            for c in categories:
+                r = next((p for p in pick if p["category"] == c), None)
+                v = r["score_nc"] if r else np.nan
+                y.append(v)
+                lo.append(v - r["score_nc_lo"] if r else np.nan)
+                hi.append(r["score_nc_hi"] - v if r else np.nan)
+            err = np.nan_to_num(np.abs(np.array([lo, hi], dtype=float)))
+            ax.bar(np.arange(len(categories)) + j * width, np.nan_to_num(np.array(y, dtype=float)), width, yerr=err,
+                   capsize=2, label=name, color="0.4" if name.startswith("human") else f"C{j}")
+        ax.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_ylabel("noise-corrected r (95% CI)")
+        ax.set_title("univariate tuning" if measure == "tuning" else "representational geometry (RDM)", fontsize=10)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_lesions(rows: list[dict], path: Path) -> Path:
+    """Held-out mean r in each region for each unit subset (random subsets: mean ± SD over draws)."""
+    plt = _pyplot()
+    groups = list(dict.fromkeys((r["run"], r["layer"], r["category"]) for r in rows))
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
+    width = 0.8 / len(conditions)
+    for j, cond in enumerate(conditions):
+        y = [next((r["r_mean"] for r in rows if (r["run"], r["layer"], r["category"]) == g and r["condition"] == cond),
+                  np.nan) for g in groups]
+        e = [next((r["r_sd"] for r in rows if (r["run"], r["layer"], r["category"]) == g and r["condition"] == cond),
+                  np.nan) for g in groups]
+        ax.bar(np.arange(len(groups)) + j * width, np.nan_to_num(np.array(y, float)), width,
+               yerr=np.nan_to_num(np.array(e, float)), capsize=2, label=cond)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{c}\n{lay}\n{run[:12]}" for run, lay, c in groups], fontsize=7)
+    ax.set_ylabel("test r in the region (mean over voxels)")
+    ax.set_title("encoding lesions", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def print_tables(console: Console, counts, comparison, ceiling, lesions, set_name: str) -> None:
+    table = Table(title=f"selective units per layer ({set_name} localizer)")
+    for col in ("backbone", "weights", "layer", "category", "selective / units"):
+        table.add_column(col)
+    for r in counts:
+        if r["localizer"] == set_name:
+            table.add_row(r["backbone"], r["weights"], r["layer"], r["category"], f"{r['n_selective']} / {r['n_units']}")
+    console.print(table)
+    if comparison or ceiling:
+        table = Table(title="units vs region, and human–human (r [95% CI]; noise-corrected)")
+        for col in ("who", "layer", "localizer", "category", "measure", "r", "noise-corrected"):
+            table.add_column(col)
+        for r in comparison:
+            table.add_row(f"{r['backbone']} → sub{r['subject']}", r["layer"], r["localizer"], r["category"], r["measure"],
+                          f"{_fmt(r['score'])} [{_fmt(r['score_lo'])}, {_fmt(r['score_hi'])}]", _fmt(r["score_nc"]))
+        for r in ceiling:
+            table.add_row(f"sub{r['subject_a']} ↔ sub{r['subject_b']}", "", "", r["category"], r["measure"],
+                          f"{_fmt(r['score'])} [{_fmt(r['score_lo'])}, {_fmt(r['score_hi'])}]", _fmt(r["score_nc"]))
+        console.print(table)
+    if lesions:
+        table = Table(title="encoding lesions (test r in the region)")
+        for col in ("run", "layer", "category", "condition", "units", "r"):
+            table.add_column(col)
+        for r in lesions:
+            table.add_row(r["run"], r["layer"], r["category"], r["condition"], str(r["n_units"]),
+                          f"{_fmt(r['r_mean'])}" + (f" ± {_fmt(r['r_sd'])}" if np.isfinite(r["r_sd"]) else ""))
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run_localizer(cfg, target: Path) -> None:
+    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir) -> ``<target>/<out_subdir>/``."""
+    from omegaconf import OmegaConf
+
+    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
+    data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
+    opts = LocalizerOptions.from_config(analysis, data_dir=str(data_dir))
+    run_dirs = find_runs(target)
+    if not run_dirs:
+        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    console = Console(width=140)
+    result = analyse(run_dirs, Path(target) / opts.out_subdir, opts, console)
+    console.print(f"wrote {len(result['files'])} files to {result['out_dir']}")
