@@ -14,6 +14,20 @@ def find_runs(directory: str | Path) -> list[Path]:
     return sorted(p.parent for p in directory.rglob("metrics.json"))
 
 
+def find_failed(directory: str | Path) -> list[dict]:
+    """Sweep jobs that failed, at or below ``directory``: the failed.json train.py writes in a failed job's
+    directory, {"error": one line, "type": exception class, "overrides": [...], "traceback": text},
+    each with "dir" added; sorted by path. An unreadable failed.json is reported as such."""
+    failed = []
+    for path in sorted(Path(directory).rglob("failed.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            record = {"error": f"unreadable failed.json: {err}", "type": "?", "overrides": []}
+        failed.append({**record, "dir": path.parent})
+    return failed
+
+
 def load_run(run_dir: Path) -> dict:
     """metrics.json and run.json of one run -> {"dir", "metrics", "run"}."""
     metrics = json.loads((run_dir / "metrics.json").read_text())

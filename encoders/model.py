@@ -3,15 +3,25 @@
 Batches are dicts {"x": images (n, 3, S, S) or precomputed features (n, n_features),
 "y": responses (n, n_voxels)}. With precomputed features the backbone is not run at all;
 it is kept (frozen) so the checkpoint describes the whole encoder.
+
+Precision: under a mixed-precision trainer (``precision=bf16-mixed`` / ``16-mixed``) only the backbone
+runs under autocast; standardisation, the head, the loss and the metrics run in float32 (float64 sums).
+
+DDP: validation and test scores are summed over all ranks (torchmetrics), and the samples a
+``DistributedSampler`` repeats to even out the ranks are left out, so every score is over the whole
+split, each sample once. Resuming: the training order depends only on (seed, epoch), so a run resumed
+from ``last.ckpt`` sees the same batches as one that never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from encoders.metrics import VoxelScores
 
@@ -30,10 +40,14 @@ class EncodingModel(L.LightningModule):
     optimizer / scheduler: factories completed with the head's parameters / the optimizer
     (defaults: AdamW(lr=1e-3, weight_decay=1e-2), no schedule). The scheduler steps per epoch.
     Features are standardised with train-set statistics stored as buffers (``set_feature_stats``).
+    seed: the training order and the global RNG (dropout) of epoch e are drawn from (seed, e), so a
+    resumed run repeats exactly what an uninterrupted one does. voxel_batch: voxels per chunk when the
+    metrics accumulate their sums (bounds the float64 temporaries at 100k+ voxels).
     """
 
     def __init__(self, head: nn.Module, n_features: int, n_voxels: int, backbone: nn.Module | None = None,
-                 optimizer: OptimizerFactory | None = None, scheduler: SchedulerFactory | None = None):
+                 optimizer: OptimizerFactory | None = None, scheduler: SchedulerFactory | None = None,
+                 seed: int = 0, voxel_batch: int = 16384):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -42,9 +56,11 @@ class EncodingModel(L.LightningModule):
         self.scheduler_factory = scheduler
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_std", torch.ones(n_features))
-        self.val_scores = VoxelScores(n_voxels)
-        self.test_scores = VoxelScores(n_voxels)
+        self.seed = int(seed)
+        self.val_scores = VoxelScores(n_voxels, voxel_batch=voxel_batch)
+        self.test_scores = VoxelScores(n_voxels, voxel_batch=voxel_batch)
         self.test_result: dict[str, torch.Tensor] | None = None
+        self._seen = {"val": 0, "test": 0}  # samples this rank has scored in the current epoch
 
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """mean, std: (n_features,) from the training features; std floors at 1e-6·max."""
@@ -53,41 +69,84 @@ class EncodingModel(L.LightningModule):
         self.feature_std.copy_(std)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) images or (n, n_features) features -> (n, n_features) standardised, float32."""
+        """(n, 3, S, S) images or (n, n_features) features -> (n, n_features) standardised, float32.
+
+        The backbone runs under whatever autocast is active; the standardisation never does.
+        """
         if x.ndim == 4:
             if self.backbone is None:
                 raise ValueError("EncodingModel got images but has no backbone")
             x = self.backbone(x)
-        return (x.float() - self.feature_mean) / self.feature_std
+        with autocast_off(x.device):
+            return (x.float() - self.feature_mean) / self.feature_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: images or features -> predicted responses (n, n_voxels), float32."""
-        return self.head(self.features(x)).float()
+        """x: images or features -> predicted responses (n, n_voxels), float32 (the head never autocasts)."""
+        features = self.features(x)
+        with autocast_off(features.device):
+            return self.head(features.float()).float()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.mse_loss(self(batch["x"]), batch["y"].float())
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch["y"].shape[0])
+        pred = self(batch["x"])
+        with autocast_off(pred.device):
+            loss = nn.functional.mse_loss(pred, batch["y"].float())
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch["y"].shape[0], sync_dist=True)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        """Draw this epoch's training order and global RNG from (seed, epoch) (see the class docstring)."""
+        epoch_seed = self.seed * 100_003 + self.current_epoch
+        torch.manual_seed(epoch_seed + 7_919 * self.global_rank)
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None) if isinstance(loader, DataLoader) else None
+        if isinstance(sampler, RandomSampler):
+            # A fresh generator of its own: the loader's base-seed draws no longer shift the permutation.
+            sampler.generator = torch.Generator().manual_seed(epoch_seed)
+
+    def _whole_split_rows(self, stage: str, n: int) -> torch.Tensor | slice:
+        """Rows of this rank's next batch of n samples that are not DistributedSampler padding.
+
+        A DistributedSampler appends repeats of the first indices until every rank has as many; rank r's
+        k-th sample is at position r + k·world of that list, and positions past the dataset are repeats.
+        """
+        seen = self._seen[stage]
+        self._seen[stage] += n
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        sampler = getattr(loaders, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.num_replicas == 1:
+            return slice(None)
+        positions = sampler.rank + sampler.num_replicas * (seen + torch.arange(n))
+        return positions < len(sampler.dataset)
+
+    def on_validation_epoch_start(self) -> None:
+        self._seen["val"] = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._seen["test"] = 0
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred = self(batch["x"])
-        y = batch["y"].float()
-        self.log("val/loss", nn.functional.mse_loss(pred, y), on_epoch=True, batch_size=y.shape[0], sync_dist=True)
+        keep = self._whole_split_rows("val", batch["y"].shape[0])
+        pred, y = self(batch["x"])[keep], batch["y"].float()[keep]
+        with autocast_off(pred.device):  # a last batch can be all padding: it then weighs 0
+            loss = nn.functional.mse_loss(pred, y) if len(y) else pred.new_zeros(())
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.val_scores.update(pred, y)
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_scores.compute()
-        self.log("val/r_mean", torch.nanmean(scores["r"]).float())
+        scores = self.val_scores.compute()  # summed over every rank's samples
+        self.log("val/r_mean", torch.nanmean(scores["r"]).float(), sync_dist=True)
         self.val_scores.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_scores.update(self(batch["x"]), batch["y"].float())
+        keep = self._whole_split_rows("test", batch["y"].shape[0])
+        self.test_scores.update(self(batch["x"])[keep], batch["y"].float()[keep])
 
     def on_test_epoch_end(self) -> None:
+        """test_result: {"r", "r2"} (n_voxels,) float64 over the whole test split, on every rank."""
         scores = self.test_scores.compute()
         self.test_result = {k: v.cpu() for k, v in scores.items()}
-        self.log("test/r_mean", torch.nanmean(scores["r"]).float())
-        self.log("test/r2_mean", torch.nanmean(scores["r2"]).float())
+        self.log("test/r_mean", torch.nanmean(scores["r"]).float(), sync_dist=True)
+        self.log("test/r2_mean", torch.nanmean(scores["r2"]).float(), sync_dist=True)
         self.test_scores.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -113,3 +172,11 @@ class EncodingModel(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
