@@ -135,6 +135,8 @@ _SPECS = [
           {**_convs("", ("conv1", "conv2", "conv3"), (16, 32, 64)), **_embed(64)}),
     _spec("tiny_vit", "tiny", "tiny_vit", None, tiny.TINY_INPUT_SIZE, _IMAGENET, "bicubic", 1,
           {**_blocks("blocks.", 2, 64), **_embed(64)}),
+    _spec("tiny_clip", "tiny", "tiny_clip", None, tiny.TINY_INPUT_SIZE, _OPENAI, "bicubic", 1,
+          {**_blocks("visual.transformer.resblocks.", 2, 64), **_embed(64)}),
     _spec("resnet50", "timm", "resnet50", "resnet50.tv_in1k", 224, _IMAGENET, "bilinear", 0,
           {**_convs("", _RESNET_STAGES, _RESNET_WIDTHS),
            "pool": LayerSpec("global_pool", 2048, "vector")}, ("pool",)),
@@ -577,6 +579,7 @@ def _torchvision_model(spec: BackboneSpec, pretrained: bool) -> nn.Module:
 _TINY_BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "tiny_cnn": tiny.build_tiny_cnn,
     "tiny_vit": tiny.build_tiny_vit,
+    "tiny_clip": tiny.build_tiny_clip,
 }
 
 

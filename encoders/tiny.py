@@ -5,6 +5,10 @@
   conv2 (n,32,16,16), conv3 (n,64,8,8) and the embedding (n,64).
 * ``build_tiny_vit``: a 2-block timm ``VisionTransformer`` (64 px, patch 8,
   width 64, 2 heads, CLS token): blocks.N give (n, 1 + 64, 64) tokens.
+* ``build_tiny_clip``: a whole open_clip ``CLIP`` (both towers) at toy size: a 2-block
+  ViT image tower (64 px, patch 8, width 64) and a 2-block text tower (width 64, the
+  standard 77-token BPE tokenizer), joint embedding 64-d. Random init, so its text and
+  image embeddings agree on nothing; tests use it for the CLIP code paths.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_INPUT_SIZE = 64
 
 
@@ -70,4 +76,29 @@ def build_tiny_vit() -> nn.Module:
     }
     model.pretrained_cfg = cfg
     model.default_cfg = cfg
+    return model
+
+
+def build_tiny_clip() -> nn.Module:
+    """Random-init open_clip CLIP for 64-px inputs: ViT image tower (2 blocks, width 64, CLS token),
+    text tower (2 blocks, width 64, context 77), 64-d joint embedding.
+
+    ``encode_image`` / ``encode_text`` work as for the real CLIPs; a ``pretrained_cfg`` is attached so
+    that ``timm.data.resolve_model_data_config`` resolves the registry entry's preprocessing.
+    """
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=TINY_INPUT_SIZE)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+    model = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
+    cfg = {
+        "input_size": (3, TINY_INPUT_SIZE, TINY_INPUT_SIZE),
+        "interpolation": "bicubic",
+        "mean": OPENAI_MEAN,
+        "std": OPENAI_STD,
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
+    model.pretrained_cfg = cfg
     return model

@@ -17,7 +17,7 @@ def test_backbone_configs_match_the_registry():
 def test_every_backbone_composes(make_cfg, backbone):
     cfg = make_cfg([f"backbone={backbone}", "data=nsd", "data.root=/somewhere"])
     assert cfg.backbone.name == backbone
-    assert cfg.backbone.pretrained == (backbone not in ("tiny", "tiny_vit"))
+    assert cfg.backbone.pretrained == (backbone not in ("tiny", "tiny_vit", "tiny_clip"))
     assert make_cfg([f"backbone={backbone}", "experiment=demo"]).backbone.pretrained is False
 
 

@@ -1,0 +1,900 @@
+"""CLIP-MSM (analyze.py analysis=clip_msm): dissect the voxels of CLIP-embedding encoders with free-text concepts.
+
+    python analyze.py analysis=clip_msm run_dir=outputs/runs/<clip_rn50 ridge run>
+    python analyze.py analysis=clip_msm sweep_dir=outputs/multirun/<one run per subject>   # + paired test
+    python analyze.py analysis=clip_msm concepts@analysis.concepts=from_file analysis.concepts.file=broden.txt
+    python analyze.py analysis=clip_msm analysis.concept_embeddings=T.npy run_dir=...   # your own T
+
+A run qualifies when its head is linear in the CLIP image embedding: ``backbone.layers=[embed]`` of an
+open_clip backbone (clip_rn50, clip_vitb32, clip_vitb16, siglip_vitb16; tiny_clip for tests) with
+head=ridge or head=linear. Per run, written to ``<run_dir>/clip_msm/``:
+
+- ``scores.npz``: concepts, scores (n_voxels, n_concepts) of the similarity, S (n_concepts, n_voxels) the
+  multi-semantic map (softmax over concepts per voxel), labels (hard CLIP-Dissect labels), voxel_xyz,
+  probe image ids / files, the top images per ROI;
+- ``roi_labels.csv`` + ``label_histograms.png``: per ROI the number of voxels per hard label (Fig. 4A), the
+  top concept and its share, and the concept the ROI is expected to prefer (from the concept set);
+- ``top_images.csv`` + ``top_images.png``: per ROI, the probe images with the highest mean activation
+  Q over the ROI's voxels labelled with its top concept (Fig. 4B);
+- ``semantic_maps.png``: each concept's S map and hard-label map (maximum projection of the volume);
+- ``localizer.csv`` + ``localizer.png``: Pearson r between each concept's S map and its ground-truth
+  localizer map, for MSM and for hard-label CLIP-Dissect (one-hot maps) (Fig. 6);
+- ``similarities.csv``: the same agreement figures for the similarities in ``analysis.compare``;
+- ``training_curve.csv`` + ``.png``: test accuracy of ridge refits on nested subsets of the training
+  images (Fig. 2B), see :mod:`analyses.training_curve`;
+- ``summary.json``.
+
+With a sweep_dir holding runs of >= 2 subjects (same backbone, head, dataset), ``clip_msm_localizer_paired_*``
+files in the sweep directory hold the paired t-test (scipy.stats.ttest_rel over subjects) of r(MSM) vs
+r(CLIP-Dissect) per concept, and ``clip_msm_training_curve.png`` overlays every run's curve.
+
+Q = I·Wᵀ: I are the run's own image features (the embedding as its backbone computed it) and W the head's
+weights mapped back from the standardised features to those raw features, W_raw = W/σ (see
+:func:`analyses.dissect.raw_space_weights`); the bias and the standardisation offset are constant per
+voxel and do not enter Q. P = norm(I)·norm(T)ᵀ with T from the same open_clip model's text tower
+(:mod:`encoders.text`), or from ``analysis.concept_embeddings``.
+
+Ground truth for the localizer correlation (``analysis.localizers``): ``auto`` uses the synthetic dataset's
+``ground_truth.h5`` (the planted category contrast: mean noise-free signal for the category's images minus
+that for the other images, per voxel) for concepts with a ``synthetic_category``; or a mapping
+``{concept: file}`` with a NIfTI volume read at the run's voxel coordinates (e.g. NSD's fLoc t-maps
+``nsddata/ppdata/subjXX/func1pt8mm/floc_facestval.nii.gz``) or a ``.npy`` vector in the run's voxel order.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from analyses import dissect
+from analyses.summary import find_runs
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+PLANTED_PREFIX = "planted:"
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class Options:
+    concepts: list[str]
+    expected_rois: dict[str, list[str]] = field(default_factory=dict)  # concept -> ROI names that prefer it
+    synthetic_category: dict[str, str] = field(default_factory=dict)   # concept -> synthetic category name
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+    concept_embeddings: str | None = None
+    similarity: str = "soft_wpmi"
+    similarity_args: dict[str, dict] = field(default_factory=dict)
+    compare: list[str] = field(default_factory=list)
+    probe: str = "dataset"
+    n_top_images: int = 3
+    rois: list[str] | None = None
+    localizers: str | dict = "auto"
+    localizer_rois: list[str] | None = None
+    curve_sizes: list = field(default_factory=list)
+    curve_seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 64
+    out_subdir: str = "clip_msm"
+
+    @classmethod
+    def from_config(cls, a: dict) -> "Options":
+        names, expected, synthetic = load_concepts(a.get("concepts") or {})
+        for name in [a.get("similarity", "soft_wpmi"), *(a.get("compare") or [])]:
+            if name not in dissect.SIMILARITIES:
+                raise ValueError(f"analysis.similarity/compare: unknown similarity {name!r}; valid: "
+                                 f"{', '.join(dissect.SIMILARITIES)}")
+        curve = a.get("training_curve") or {}
+        return cls(concepts=names, expected_rois=expected, synthetic_category=synthetic,
+                   templates=list(a.get("templates") or ["{}"]), concept_embeddings=a.get("concept_embeddings"),
+                   similarity=a.get("similarity", "soft_wpmi"), similarity_args=dict(a.get("similarity_args") or {}),
+                   compare=list(a.get("compare") or []), probe=str(a.get("probe", "dataset")),
+                   n_top_images=int(a.get("n_top_images", 3)), rois=a.get("rois"),
+                   localizers=a.get("localizers") or "auto", localizer_rois=a.get("localizer_rois"),
+                   curve_sizes=list(curve.get("sizes") or []), curve_seed=int(curve.get("seed", 0)),
+                   device=str(a.get("device", "cpu")), batch_size=int(a.get("batch_size", 64)),
+                   out_subdir=str(a.get("out_subdir", "clip_msm")))
+
+    def similarity_kwargs(self, name: str) -> dict:
+        return {k: v for k, v in (self.similarity_args.get(name) or {}).items() if v is not None}
+
+
+def load_concepts(cfg: dict) -> tuple[list[str], dict[str, list[str]], dict[str, str]]:
+    """A concept set (conf/concepts/*.yaml) -> (names, {concept: expected ROIs}, {concept: synthetic category}).
+
+    ``file`` (a .txt with one concept a line, or a .yaml list / {names: [...]}) replaces ``names``.
+    """
+    names = cfg.get("names")
+    if cfg.get("file") == "???":
+        raise ValueError("analysis.concepts.file: give the concept list, analysis.concepts.file=<labels.txt|.yaml>")
+    if cfg.get("file"):
+        path = Path(cfg["file"])
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: concept file not found (analysis.concepts.file)")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            loaded = yaml.safe_load(path.read_text())
+            names = loaded.get("names") if isinstance(loaded, dict) else loaded
+        else:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not isinstance(names, list):
+            raise ValueError(f"{path}: expected a list of concepts (or names: [...])")
+    names = [str(n) for n in (names or [])]
+    if not names:
+        raise ValueError("analysis.concepts: no concepts (give names: [...] or file: <path>)")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"analysis.concepts: duplicate concepts {dup[:10]}")
+    expected = {str(k): [str(r) for r in (v or [])] for k, v in (cfg.get("rois") or {}).items() if k in names}
+    synthetic = {str(k): str(v) for k, v in (cfg.get("synthetic_category") or {}).items() if k in names and v}
+    return names, expected, synthetic
+
+
+# ----------------------------------------------------------------------------- the run's encoder
+
+
+@dataclass
+class RunEncoder:
+    """What CLIP-MSM needs from a run: its TrainedEncoder, W_raw (n_voxels, d), voxels and ROIs."""
+
+    enc: object
+    weights: np.ndarray
+    voxel_xyz: np.ndarray
+    rois: dict[str, np.ndarray]
+    split: dict
+    info: dict
+
+
+def load_run_encoder(run_dir: Path, device: str = "cpu") -> RunEncoder:
+    """The run's encoder and its head weights on the raw CLIP image embedding; ValueError when the run is
+    not a linear head on the ``embed`` layer alone."""
+    from encoders.trained import load_trained
+
+    enc = load_trained(run_dir, device=device)
+    if not enc.takes_backbone_features or enc.layers != ["embed"]:
+        raise ValueError(f"{run_dir}: CLIP-MSM needs a head on the CLIP image embedding alone "
+                         f"(backbone.layers=[embed]); this run reads {enc.layers}")
+    weight = getattr(enc.model.head, "weight", None)
+    if weight is None or tuple(weight.shape) != (enc.n_voxels, enc.n_features):
+        raise ValueError(f"{run_dir}: CLIP-MSM needs a linear head (head=ridge or head=linear) with weights "
+                         f"(n_voxels, n_features); {type(enc.model.head).__name__} has none")
+    w_raw = dissect.raw_space_weights(weight.detach().cpu().numpy(), enc.model.feature_std.cpu().numpy())
+    metrics_file = run_dir / "voxel_metrics.npz"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{metrics_file}: not found")
+    with np.load(metrics_file) as f:
+        xyz = f["voxel_xyz"]
+        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
+    split_file = run_dir / "split.json"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file}: not found")
+    return RunEncoder(enc, w_raw, xyz, rois, json.loads(split_file.read_text()), enc.info)
+
+
+def concept_embeddings(run: RunEncoder, opts: Options) -> tuple[np.ndarray, str]:
+    """T (n_concepts, d): from ``analysis.concept_embeddings`` or the backbone's own text tower."""
+    d = run.weights.shape[1]
+    if opts.concept_embeddings:
+        T = read_embeddings(Path(opts.concept_embeddings), opts.concepts)
+        if T.shape != (len(opts.concepts), d):
+            raise ValueError(f"{opts.concept_embeddings}: concept embeddings have shape {T.shape}, expected "
+                             f"({len(opts.concepts)} concepts, {d}) for this run's embedding")
+        return T, f"file {opts.concept_embeddings}"
+    from encoders.text import TextEncoder
+
+    try:
+        text = TextEncoder.from_backbone(run.enc.backbone)
+    except ValueError as err:
+        raise ValueError(f"{run.enc.run_dir}: {err} (analysis.concept_embeddings=<file.npy>)") from None
+    T = text.encode(opts.concepts, opts.templates)
+    if T.shape[1] != d:
+        raise ValueError(f"{run.enc.run_dir}: text embeddings are {T.shape[1]}-d but the run's image features "
+                         f"are {d}-d (is the run on the backbone's embed layer?)")
+    return T, f"{run.enc.backbone.spec.name} text tower, templates {opts.templates}"
+
+
+def read_embeddings(path: Path, concepts: list[str]) -> np.ndarray:
+    """(n_concepts, d) from .npy, .npz or .pt (an array, or {"embeddings": ..., "concepts": [...]}).
+    When the file names its concepts they must be the analysis's, in order."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: concept embeddings file not found (analysis.concept_embeddings)")
+    names = None
+    if path.suffix == ".npy":
+        arr = np.load(path)
+    elif path.suffix == ".npz":
+        with np.load(path) as f:
+            if "embeddings" not in f.files:
+                raise ValueError(f"{path}: no 'embeddings' array (has {f.files})")
+            arr = f["embeddings"]
+            names = [str(n) for n in f["concepts"]] if "concepts" in f.files else None
+    elif path.suffix in (".pt", ".pth"):
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if "embeddings" not in obj:
+                raise ValueError(f"{path}: no 'embeddings' key (has {sorted(obj)})")
+            names = [str(n) for n in obj["concepts"]] if "concepts" in obj else None
+            obj = obj["embeddings"]
+        arr = obj.float().numpy() if hasattr(obj, "numpy") else np.asarray(obj)
+    else:
+        raise ValueError(f"{path}: concept embeddings must be .npy, .npz or .pt")
+    if names is not None and names != list(concepts):
+        raise ValueError(f"{path}: its concepts {names[:5]}... differ from the analysis's {list(concepts)[:5]}...")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2 or not np.isfinite(arr).all():
+        raise ValueError(f"{path}: concept embeddings must be a finite (n_concepts, d) array, got shape {arr.shape}")
+    return arr
+
+
+# ----------------------------------------------------------------------------- probe images
+
+
+@dataclass
+class Probe:
+    """Probe images: raw features (n, d), their ids (dataset) or files (folder), and a reader of the pixels."""
+
+    features: np.ndarray
+    ids: np.ndarray | None
+    files: list[str] | None
+    description: str
+    reader: object = None  # callable i -> uint8 (H, W, 3), or None when images cannot be shown
+
+    def image(self, i: int) -> np.ndarray | None:
+        return None if self.reader is None else self.reader(i)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i]) if self.files is not None else str(int(self.ids[i]))
+
+
+def _nsd_brick(info: dict):
+    """StimulusBrick of the run's NSD-layout dataset, or None."""
+    data = info.get("data", {})
+    if data.get("root") is None or data.get("subject") is None:
+        return None
+    from datamodules.errors import DataError
+    from datamodules.nsd_files import NSDPaths, StimulusBrick
+
+    try:
+        return StimulusBrick(NSDPaths(Path(data["root"]), int(data["subject"])).stimuli)
+    except (DataError, ValueError, TypeError):
+        return None
+
+
+def probe_images(run: RunEncoder, opts: Options) -> Probe:
+    """``dataset``: every image of the run's splits; ``test``: its test images; else a folder of images."""
+    enc = run.enc
+    if opts.probe in ("dataset", "test"):
+        keys = ("test",) if opts.probe == "test" else ("train", "val", "test")
+        ids = np.unique(np.concatenate([np.asarray(run.split.get(k, []), dtype=np.int64) for k in keys]))
+        if ids.size == 0:
+            raise ValueError(f"{enc.run_dir / 'split.json'}: no image ids for the probe set '{opts.probe}'")
+        brick = _nsd_brick(run.info)
+        feats = enc.cached_features(ids)
+        if feats is None:
+            if brick is None:
+                raise ValueError(f"{enc.run_dir}: the run's feature cache is gone and its images cannot be read; "
+                                 f"give analysis.probe=<folder of images>")
+            feats = np.concatenate([enc.image_features([brick.image(i) for i in ids[s:s + opts.batch_size]])
+                                    for s in range(0, len(ids), opts.batch_size)])
+        reader = (lambda i: brick.image(int(ids[i]))) if brick is not None else None
+        return Probe(feats, ids, None, f"{opts.probe} images of the run ({len(ids)})", reader)
+    folder = Path(opts.probe)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: probe image folder not found (analysis.probe: dataset | test | <folder>)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    from PIL import Image
+
+    def read(i: int) -> np.ndarray:
+        with Image.open(files[i]) as im:
+            return np.array(im.convert("RGB"))  # a writable copy
+
+    feats = np.concatenate([enc.image_features([read(i) for i in range(s, min(s + opts.batch_size, len(files)))])
+                            for s in range(0, len(files), opts.batch_size)])
+    return Probe(feats, None, [str(f) for f in files], f"{len(files)} images under {folder}", read)
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+def _match(xyz: np.ndarray, other_xyz: np.ndarray) -> np.ndarray:
+    """Row of each run voxel in other_xyz, or -1."""
+    lookup = {tuple(v): i for i, v in enumerate(np.asarray(other_xyz).tolist())}
+    return np.array([lookup.get(tuple(v), -1) for v in np.asarray(xyz).tolist()], dtype=np.int64)
+
+
+def synthetic_ground_truth(info: dict, xyz: np.ndarray) -> dict | None:
+    """For a run on the synthetic dataset: {"categories", "contrast" (n_categories, n_voxels), "preferred"
+    (n_voxels,) category index or -1}; None when the run's data root has no ground_truth.h5."""
+    data = info.get("data", {})
+    root, subject = data.get("root"), data.get("subject")
+    if root is None or subject is None or not (Path(root) / "ground_truth.h5").is_file():
+        return None
+    import h5py
+
+    with h5py.File(Path(root) / "ground_truth.h5", "r") as f:
+        group = f"subj{int(subject):02d}"
+        if group not in f:
+            return None
+        categories = [c.decode() if isinstance(c, bytes) else str(c) for c in f["categories"][:]]
+        image_category = f["image_category"][:]
+        g = f[group]
+        rows = _match(xyz, g["voxel_xyz"][:])
+        signal = g["signal"][:].astype(np.float64)
+        preferred_all = g["preferred_category"][:]
+    contrast = np.full((len(categories), len(xyz)), np.nan)
+    preferred = np.full(len(xyz), -1, np.int64)
+    ok = rows >= 0
+    for c in range(len(categories)):
+        inside = image_category == c
+        if inside.any() and (~inside).any():
+            diff = signal[inside].mean(0) - signal[~inside].mean(0)
+            contrast[c, ok] = diff[rows[ok]]
+    preferred[ok] = preferred_all[rows[ok]]
+    return {"categories": categories, "contrast": contrast, "preferred": preferred}
+
+
+def localizer_truth(run: RunEncoder, opts: Options, synthetic: dict | None) -> tuple[dict[int, np.ndarray],
+                                                                                      dict[str, str]]:
+    """Ground-truth maps {concept index: (n_voxels,)} for the concepts that have one, and their sources."""
+    truth: dict[int, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    if isinstance(opts.localizers, dict):
+        unknown = [c for c in opts.localizers if c not in opts.concepts]
+        if unknown:
+            raise ValueError(f"analysis.localizers: {unknown} are not concepts of the analysis ({opts.concepts})")
+        for concept, path in opts.localizers.items():
+            truth[opts.concepts.index(concept)] = read_localizer(Path(path), run.voxel_xyz)
+            sources[concept] = str(path)
+    elif opts.localizers == "auto":
+        if synthetic is not None:
+            for concept, category in opts.synthetic_category.items():
+                if category in synthetic["categories"]:
+                    truth[opts.concepts.index(concept)] = synthetic["contrast"][synthetic["categories"].index(category)]
+                    sources[concept] = f"ground_truth.h5 planted contrast '{category}'"
+    elif opts.localizers not in ("none", "null"):
+        raise ValueError(f"analysis.localizers must be auto, none or {{concept: file}}, got {opts.localizers!r}")
+    return truth, sources
+
+
+def read_localizer(path: Path, xyz: np.ndarray) -> np.ndarray:
+    """A per-voxel localizer map in the run's voxel order: .npy (n_voxels,) or a NIfTI volume at voxel_xyz."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: localizer map not found (analysis.localizers)")
+    if path.suffix == ".npy":
+        vec = np.load(path).astype(np.float64).ravel()
+        if vec.shape != (len(xyz),):
+            raise ValueError(f"{path}: {vec.size} values, the run has {len(xyz)} voxels")
+        return vec
+    import nibabel as nib
+
+    try:
+        vol = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float64)
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise ValueError(f"{path}: cannot read as NIfTI ({err})") from None
+    vol = vol.reshape(vol.shape[:3]) if vol.ndim > 3 and all(s == 1 for s in vol.shape[3:]) else vol
+    if vol.ndim != 3 or xyz.shape[1] != 3 or (xyz.max(0) >= np.array(vol.shape)).any():
+        raise ValueError(f"{path}: volume {vol.shape} does not hold the run's voxels (max index "
+                         f"{xyz.max(0).tolist()}); give a .npy in the run's voxel order instead")
+    return vol[xyz[:, 0], xyz[:, 1], xyz[:, 2]]
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def roi_masks(run: RunEncoder, opts: Options, synthetic: dict | None) -> dict[str, np.ndarray]:
+    """The run's ROIs (or analysis.rois) plus, on synthetic data, the planted category groups."""
+    rois = dict(run.rois)
+    if synthetic is not None:
+        for c, name in enumerate(synthetic["categories"]):
+            mask = synthetic["preferred"] == c
+            if mask.any():
+                rois[PLANTED_PREFIX + name] = mask
+    if opts.rois:
+        unknown = [r for r in opts.rois if r not in rois]
+        if unknown:
+            raise ValueError(f"analysis.rois: no ROI {unknown} in this run (has {sorted(rois)})")
+        rois = {r: rois[r] for r in opts.rois}
+    return {k: v for k, v in rois.items() if v.any()}
+
+
+def expected_concept(roi: str, opts: Options) -> str | None:
+    """The concept a ROI is expected to prefer: from the concept set's ``rois`` and ``synthetic_category``."""
+    for concept, names in opts.expected_rois.items():
+        if roi in names:
+            return concept
+    if roi.startswith(PLANTED_PREFIX):
+        for concept, category in opts.synthetic_category.items():
+            if roi == PLANTED_PREFIX + category:
+                return concept
+    return None
+
+
+def localizer_correlations(S: np.ndarray, labels: np.ndarray, truth: dict[int, np.ndarray],
+                           mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r with the ground truth of each concept's S map and of its CLIP-Dissect one-hot map:
+    (n_concepts,) each, NaN for concepts without ground truth."""
+    msm, hard = np.full(S.shape[0], np.nan), np.full(S.shape[0], np.nan)
+    if truth:
+        idx = np.array(sorted(truth))
+        maps = np.stack([truth[i] for i in idx])
+        msm[idx] = dissect.map_correlations(S[idx], maps, mask)
+        hard[idx] = dissect.map_correlations((labels[None, :] == idx[:, None]).astype(np.float64), maps, mask)
+    return msm, hard
+
+
+def dissect_run(acts, P: np.ndarray, name: str, opts: Options) -> dict:
+    """Scores, S, hard labels for one similarity."""
+    scores = dissect.similarity(name, acts, P, device=opts.device, **opts.similarity_kwargs(name))
+    return {"scores": scores, "S": dissect.multi_semantic_map(scores), "labels": dissect.hard_labels(scores)}
+
+
+def roi_label_rows(labels: np.ndarray, rois: dict[str, np.ndarray], opts: Options) -> list[list]:
+    hist = dissect.label_histograms(labels, rois, len(opts.concepts))
+    rows = []
+    for roi, counts in hist.items():
+        total = int(counts.sum())
+        top = int(np.argmax(counts))
+        expected = expected_concept(roi, opts)
+        share = float(counts[opts.concepts.index(expected)] / total) if expected and total else float("nan")
+        rows.append([roi, total, opts.concepts[top], float(counts[top] / total) if total else float("nan"),
+                     expected or "", share, *[int(c) for c in counts]])
+    return rows
+
+
+def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
+    """Everything for one run; returns the figures the sweep step needs. Nothing is written until all is
+    computed."""
+    run = load_run_encoder(run_dir, opts.device)
+    T, t_source = concept_embeddings(run, opts)
+    probe = probe_images(run, opts)
+    acts = dissect.LinearActivations(probe.features.astype(np.float32), run.weights.astype(np.float32))
+    P = dissect.concept_activations(probe.features, T)
+    synthetic = synthetic_ground_truth(run.info, run.voxel_xyz)
+    rois = roi_masks(run, opts, synthetic)
+    truth, truth_sources = localizer_truth(run, opts, synthetic)
+    loc_mask = None
+    if opts.localizer_rois:
+        unknown = [r for r in opts.localizer_rois if r not in rois]
+        if unknown:
+            raise ValueError(f"analysis.localizer_rois: no ROI {unknown} in this run (has {sorted(rois)})")
+        loc_mask = np.any([rois[r] for r in opts.localizer_rois], axis=0)
+
+    main = dissect_run(acts, P, opts.similarity, opts)
+    results = {opts.similarity: main}
+    for name in opts.compare:
+        if name not in results:
+            results[name] = dissect_run(acts, P, name, opts)
+
+    loc = {}
+    for name, res in results.items():
+        loc[name] = dict(zip(("msm", "hard"), localizer_correlations(res["S"], res["labels"], truth, loc_mask)))
+    label_rows = roi_label_rows(main["labels"], rois, opts)
+    top = top_images_per_roi(acts, main["labels"], rois, label_rows, opts, probe)
+    curve = training_curve(run, opts) if opts.curve_sizes else None
+
+    out = run_dir / opts.out_subdir
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    data = run.info.get("data", {})
+    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} subject {data.get('subject', '?')}"
+    np.savez_compressed(out / "scores.npz", concepts=np.array(opts.concepts), scores=main["scores"].astype(np.float32),
+                        S=main["S"].astype(np.float32), labels=main["labels"], voxel_xyz=run.voxel_xyz,
+                        concept_embeddings=T, probe_ids=probe.ids if probe.ids is not None else np.zeros(0, np.int64),
+                        probe_files=np.array(probe.files or []), similarity=opts.similarity)
+    files.append(out / "scores.npz")
+    header = ["roi", "n_voxels", "top_concept", "top_share", "expected_concept", "expected_share",
+              *[f"n_{c}" for c in opts.concepts]]
+    files.append(_write_csv(out / "roi_labels.csv", header, label_rows))
+    files.append(plot_label_histograms(label_rows, opts.concepts, out / "label_histograms.png", title))
+    files.append(_write_csv(out / "top_images.csv", ["roi", "top_concept", "n_voxels_labelled", "rank", "image",
+                                                     "mean_activation"], top["rows"]))
+    png = plot_top_images(top, probe, out / "top_images.png", title)
+    if png is not None:
+        files.append(png)
+    files.append(plot_semantic_maps(main["S"], main["labels"], run.voxel_xyz, opts.concepts,
+                                    out / "semantic_maps.png", title))
+    loc_rows = [[c, truth_sources.get(c, ""), int(np.isfinite(truth[i]).sum()) if i in truth else 0,
+                 loc[opts.similarity]["msm"][i], loc[opts.similarity]["hard"][i]] for i, c in enumerate(opts.concepts)]
+    files.append(_write_csv(out / "localizer.csv", ["concept", "ground_truth", "n_voxels", "r_msm", "r_hard"],
+                            loc_rows))
+    if truth_sources:
+        files.append(plot_localizer(loc_rows, out / "localizer.png", title))
+    sim_rows = []
+    for name, res in results.items():
+        acc = {row[0]: row[5] for row in roi_label_rows(res["labels"], rois, opts)}
+        for i, c in enumerate(opts.concepts):
+            rois_c = [r for r in rois if expected_concept(r, opts) == c]
+            sim_rows.append([name, c, loc[name]["msm"][i], loc[name]["hard"][i],
+                             float(np.nanmean([acc[r] for r in rois_c])) if rois_c else float("nan")])
+    files.append(_write_csv(out / "similarities.csv", ["similarity", "concept", "r_msm", "r_hard",
+                                                       "expected_share_mean"], sim_rows))
+    if curve is not None:
+        files += write_training_curve(curve, out, title)
+    summary = {"run_dir": str(run_dir), "backbone": run.info.get("backbone"), "head": run.info.get("head"),
+               "dataset": run.info.get("data", {}).get("dataset"), "subject": run.info.get("data", {}).get("subject"),
+               "concepts": opts.concepts, "concept_embeddings": t_source, "probe": probe.description,
+               "n_probe_images": int(len(probe.features)), "n_voxels": int(len(run.voxel_xyz)),
+               "similarity": opts.similarity, "similarity_args": opts.similarity_kwargs(opts.similarity),
+               "weights": "W_raw = W / feature_std (head weights on the raw embedding)",
+               "localizer": {c: {"r_msm": _num(r[3]), "r_hard": _num(r[4]), "source": r[1]}
+                             for c, r in zip(opts.concepts, loc_rows)},
+               "rois": {row[0]: {"top_concept": row[2], "top_share": _num(row[3]), "expected": row[4] or None}
+                        for row in label_rows}}
+    _write_json(out / "summary.json", summary)
+    files.append(out / "summary.json")
+    _print_run(console, label_rows, loc_rows, opts)
+    return {"run_dir": run_dir, "out_dir": out, "files": files, "summary": summary, "curve": curve,
+            "localizer": loc_rows, "info": run.info}
+
+
+def top_images_per_roi(acts, labels: np.ndarray, rois: dict[str, np.ndarray], label_rows: list[list],
+                       opts: Options, probe: Probe) -> dict:
+    """Per ROI: its top concept, and the probe images with the highest mean Q over its voxels so labelled
+    (rows: roi, concept, voxels, rank, image id or file, mean activation)."""
+    rows, per_roi = [], {}
+    for row in label_rows:
+        roi, concept = row[0], row[2]
+        units = rois[roi] & (labels == opts.concepts.index(concept))
+        if not units.any():
+            continue
+        idx = dissect.top_images(acts, units, opts.n_top_images)
+        mean = dissect.mean_activation(acts, units)
+        per_roi[roi] = (concept, idx)
+        rows += [[roi, concept, int(units.sum()), k + 1, probe.name(int(i)), float(mean[i])]
+                 for k, i in enumerate(idx)]
+    return {"rows": rows, "per_roi": per_roi}
+
+
+# ----------------------------------------------------------------------------- training-size curve
+
+
+def rebuild_datamodule(config: dict, run_dir: Path):
+    """The run's datamodule from config.yaml's ``data`` section (set up), for its training targets."""
+    from hydra.utils import instantiate
+
+    data = {k: v for k, v in (config.get("data") or {}).items() if k not in ("synthetic", "generator")}
+    if "_target_" not in data:
+        raise ValueError(f"{run_dir / 'config.yaml'}: no data section with a _target_")
+    root = data.get("root")
+    if root is not None and not Path(root).exists():
+        raise FileNotFoundError(f"{root}: the run's data root is gone (needed for the training-size curve)")
+    dm = instantiate(data)
+    dm.setup()
+    return dm
+
+
+def training_curve(run: RunEncoder, opts: Options) -> dict:
+    """Ridge refits on nested subsets of the run's training images, scored on its test images."""
+    from analyses.training_curve import resolve_sizes, training_size_curve
+
+    enc, run_dir = run.enc, run.enc.run_dir
+    dm = rebuild_datamodule(enc.config, run_dir)
+    train_ids, test_ids = np.asarray(dm.split_ids["train"]), np.asarray(dm.split_ids["test"])
+    if not (np.array_equal(train_ids, np.asarray(run.split["train"]))
+            and np.array_equal(test_ids, np.asarray(run.split["test"]))):
+        raise ValueError(f"{run_dir}: the rebuilt data split differs from split.json (was the dataset changed?)")
+    train_x, test_x = enc.cached_features(train_ids), enc.cached_features(test_ids)
+    if train_x is None or test_x is None:
+        dm.set_transform(enc.backbone.transform)
+        import torch
+
+        def extract(ids):
+            with torch.no_grad():
+                return np.concatenate([enc.backbone(b["x"].to(enc.device)).float().cpu().numpy()
+                                       for b in dm.images_loader(ids)])
+
+        train_x, test_x = extract(train_ids), extract(test_ids)
+    head = enc.config.get("head") or {}
+    ridge = {"alphas": head.get("alphas"), "cv": int(head.get("cv", 5)), "score": head.get("score", "r2"),
+             "shuffle": bool(head.get("shuffle_folds", True)), "seed": int(head.get("seed", enc.config.get("seed", 0)))}
+    sizes = resolve_sizes(opts.curve_sizes, len(np.unique(train_ids)), min_size=max(ridge["cv"], 2))
+    curve = training_size_curve(train_x, dm.targets("train"), train_ids, test_x, dm.targets("test"), sizes,
+                                ridge=ridge, seed=opts.curve_seed, device=opts.device)
+    curve["rois"] = {"all": np.ones(len(run.voxel_xyz), bool), **run.rois}
+    return curve
+
+
+def write_training_curve(curve: dict, out: Path, title: str) -> list[Path]:
+    rows = []
+    for k, n in enumerate(curve["sizes"]):
+        for roi, mask in curve["rois"].items():
+            rows.append([int(n), int(curve["n_rows"][k]), roi, int(mask.sum()),
+                         float(np.nanmean(curve["r2"][k, mask])), float(np.nanmean(curve["r"][k, mask]))])
+    files = [_write_csv(out / "training_curve.csv", ["n_train_images", "n_train_rows", "roi", "n_voxels",
+                                                     "r2_mean", "r_mean"], rows)]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for roi, mask in list(curve["rois"].items())[:12]:
+        ax.plot(curve["sizes"], np.nanmean(curve["r2"][:, mask], axis=1), marker="o", label=roi,
+                lw=2.5 if roi == "all" else 1)
+    ax.set_xlabel("training images")
+    ax.set_ylabel("mean test R²")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"accuracy vs training-set size — {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "training_curve.png", dpi=110)
+    plt.close(fig)
+    return files + [out / "training_curve.png"]
+
+
+# ----------------------------------------------------------------------------- across subjects
+
+
+def paired_localizer_tests(results: list[dict], notes: list[str] | None = None) -> dict[tuple, dict]:
+    """Per (backbone, head, dataset) group with >= 2 subjects: per concept, ttest_rel over subjects of
+    r(MSM) vs r(CLIP-Dissect hard labels). {group: {"subjects", "rows": [concept, n, mean_msm, mean_hard, t, p]}}.
+    A group with two runs of one subject is skipped (with a line in ``notes``): pairs must be subjects."""
+    from scipy.stats import ttest_rel
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for res in results:
+        s = res["summary"]
+        groups[(s["backbone"], s["head"], s["dataset"])].append(res)
+    out = {}
+    for key, members in groups.items():
+        subjects = [m["summary"]["subject"] for m in members]
+        if len(set(subjects)) < 2:
+            continue
+        if len(set(subjects)) != len(subjects):
+            if notes is not None:
+                notes.append(f"{'/'.join(map(str, key))}: runs repeat a subject ({subjects}); no paired test over "
+                             f"subjects (it needs one run per subject per backbone/head/dataset)")
+            continue
+        rows = []
+        concepts = [row[0] for row in members[0]["localizer"]]
+        for i, concept in enumerate(concepts):
+            msm = np.array([m["localizer"][i][3] for m in members], dtype=np.float64)
+            hard = np.array([m["localizer"][i][4] for m in members], dtype=np.float64)
+            ok = np.isfinite(msm) & np.isfinite(hard)
+            if ok.sum() >= 2:
+                t, p = ttest_rel(msm[ok], hard[ok])
+            else:
+                t, p = np.nan, np.nan
+            rows.append([concept, int(ok.sum()), float(np.nanmean(msm)) if ok.any() else np.nan,
+                         float(np.nanmean(hard)) if ok.any() else np.nan, float(t), float(p)])
+        out[key] = {"subjects": subjects, "rows": rows}
+    return out
+
+
+def write_sweep(results: list[dict], target: Path, console: Console) -> list[Path]:
+    files, notes = [], []
+    for (backbone, head, dataset), res in paired_localizer_tests(results, notes).items():
+        stem = f"clip_msm_localizer_paired_{backbone}_{head}_{dataset}"
+        files.append(_write_csv(target / f"{stem}.csv", ["concept", "n_subjects", "r_msm_mean", "r_hard_mean",
+                                                          "t", "p"], res["rows"]))
+        files.append(plot_paired(res["rows"], target / f"{stem}.png",
+                                 f"{backbone}/{head} {dataset}: subjects {res['subjects']}"))
+        table = Table(title=f"S map vs localizer, paired over subjects {res['subjects']} — {backbone}/{head}")
+        for col in ("concept", "n", "r MSM", "r CLIP-Dissect", "t", "p"):
+            table.add_column(col, justify="left" if col == "concept" else "right")
+        for row in res["rows"]:
+            table.add_row(row[0], str(row[1]), *[_fmt(v) for v in row[2:]])
+        console.print(table)
+    curves = [r for r in results if r["curve"] is not None]
+    if len(curves) > 1:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in curves:
+            s = r["summary"]
+            ax.plot(r["curve"]["sizes"], np.nanmean(r["curve"]["r2"], axis=1), marker="o",
+                    label=f"{s['backbone']}/{s['head']} s{s['subject']}")
+        ax.set_xlabel("training images")
+        ax.set_ylabel("mean test R² (all voxels)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(target / "clip_msm_training_curve.png", dpi=110)
+        plt.close(fig)
+        files.append(target / "clip_msm_training_curve.png")
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return files
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def run_clip_msm(cfg, target: Path) -> None:
+    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir), then the paired test over subjects."""
+    from omegaconf import OmegaConf
+
+    opts = Options.from_config(OmegaConf.to_container(cfg.analysis, resolve=True))
+    run_dirs = find_runs(target)
+    if not run_dirs:
+        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    console = Console(width=120)
+    results = []
+    for d in run_dirs:
+        console.rule(str(d))
+        res = analyse_run(d, opts, console)
+        console.print(f"wrote {len(res['files'])} files to {res['out_dir']}")
+        results.append(res)
+    if len(results) > 1:
+        for path in write_sweep(results, Path(target), console):
+            console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- figures and files
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_label_histograms(rows: list[list], concepts: list[str], path: Path, title: str) -> Path:
+    """Voxels per hard label for each ROI (CLIP-MSM Fig. 4A), one small bar chart per ROI."""
+    plt = _pyplot()
+    n = max(len(rows), 1)
+    cols = min(n, 6)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.0 * nrows), squeeze=False)
+    colors = plt.get_cmap("tab10")(np.arange(len(concepts)) % 10)
+    for ax, row in zip(axes.flat, rows):
+        counts = np.array(row[6:], dtype=float)
+        ax.bar(range(len(concepts)), counts, color=colors)
+        ax.set_title(f"{row[0]} ({row[1]})" + (f"\nexpected {row[4]}" if row[4] else ""), fontsize=7)
+        ax.set_xticks(range(len(concepts)), concepts if len(concepts) <= 12 else [""] * len(concepts),
+                      rotation=90, fontsize=6)
+        ax.tick_params(axis="y", labelsize=6)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle(f"voxels per CLIP-Dissect label — {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_top_images(top: dict, probe: Probe, path: Path, title: str, max_rois: int = 24) -> Path | None:
+    """Top images per ROI for its top concept (CLIP-MSM Fig. 4B); None when the probe images cannot be read."""
+    if probe.reader is None or not top["per_roi"]:
+        return None
+    plt = _pyplot()
+    items = list(top["per_roi"].items())[:max_rois]
+    k = max(len(idx) for _, (_, idx) in items)
+    fig, axes = plt.subplots(len(items), k, figsize=(1.6 * k, 1.6 * len(items)), squeeze=False)
+    for r, (roi, (concept, idx)) in enumerate(items):
+        for j in range(k):
+            ax = axes[r, j]
+            ax.axis("off")
+            if j < len(idx):
+                ax.imshow(probe.image(int(idx[j])))
+            if j == 0:
+                ax.set_title(f"{roi}: {concept}", fontsize=7, loc="left")
+    fig.suptitle(f"top images per ROI for its top concept — {title}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / len(items)))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _projection(values: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """Maximum projection along the last axis of per-voxel values placed at voxel_xyz (volume runs), or a
+    single row (other spaces)."""
+    if xyz.ndim != 2 or xyz.shape[1] != 3:
+        return values[None, :]
+    grid = np.full(tuple(xyz.max(0) + 1), np.nan)
+    grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = values
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmax(grid, axis=2).T
+
+
+def plot_semantic_maps(S: np.ndarray, labels: np.ndarray, xyz: np.ndarray, concepts: list[str], path: Path,
+                       title: str, max_concepts: int = 12) -> Path:
+    """Each concept's S map (top row) and CLIP-Dissect's hard-label map (bottom row)."""
+    plt = _pyplot()
+    shown = list(range(min(len(concepts), max_concepts)))
+    fig, axes = plt.subplots(2, len(shown), figsize=(2.3 * len(shown), 4.6), squeeze=False)
+    for j, c in enumerate(shown):
+        for i, values in enumerate((S[c], (labels == c).astype(float))):
+            ax = axes[i, j]
+            im = ax.imshow(_projection(values, xyz), origin="lower", cmap="magma", vmin=0, vmax=1,
+                           aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{concepts[c]} ({'MSM' if i == 0 else 'CLIP-Dissect'})", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+    fig.suptitle(f"semantic maps (max projection) — {title}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    rows = [r for r in rows if r[1]]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    ax.bar(x - 0.2, [r[3] for r in rows], 0.4, label="CLIP-MSM (S map)")
+    ax.bar(x + 0.2, [r[4] for r in rows], 0.4, label="CLIP-Dissect (hard label)")
+    ax.set_xticks(x, [r[0] for r in rows])
+    ax.set_ylabel("Pearson r with the localizer")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_paired(rows: list[list], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
+    ax.bar(x - 0.2, [r[2] for r in rows], 0.4, label="CLIP-MSM")
+    ax.bar(x + 0.2, [r[3] for r in rows], 0.4, label="CLIP-Dissect")
+    for i, r in enumerate(rows):
+        if np.isfinite(r[5]):
+            star = "**" if r[5] < 0.001 else "*" if r[5] < 0.05 else "n.s."
+            ax.text(i, max(np.nan_to_num(r[2]), np.nan_to_num(r[3])) + 0.02, star, ha="center", fontsize=8)
+    ax.set_xticks(x, [r[0] for r in rows])
+    ax.set_ylabel("mean r over subjects")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_csv(path: Path, header: list, rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[_cell(v) for v in row] for row in rows])
+    return path
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def _cell(v):
+    if isinstance(v, (float, np.floating)):
+        return "" if not np.isfinite(v) else f"{float(v):.6g}"
+    return v
+
+
+def _num(v):
+    return float(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else None
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
+        f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+
+
+def _print_run(console: Console, label_rows: list[list], loc_rows: list[list], opts: Options) -> None:
+    table = Table(title=f"CLIP-Dissect labels per ROI ({opts.similarity})")
+    for col in ("ROI", "voxels", "top concept", "share", "expected", "expected share"):
+        table.add_column(col, justify="left" if col in ("ROI", "top concept", "expected") else "right")
+    for row in label_rows:
+        table.add_row(row[0], str(row[1]), row[2], _fmt(row[3]), row[4] or "—", _fmt(row[5]))
+    console.print(table)
+    if any(r[1] for r in loc_rows):
+        table = Table(title="S map vs localizer (Pearson r)")
+        for col in ("concept", "ground truth", "r MSM", "r CLIP-Dissect"):
+            table.add_column(col)
+        for row in loc_rows:
+            if row[1]:
+                table.add_row(row[0], row[1], _fmt(row[3]), _fmt(row[4]))
+        console.print(table)
