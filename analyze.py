@@ -2,9 +2,13 @@
 
     python analyze.py analysis=summary sweep_dir=outputs/multirun/2026-01-01_12-00-00
     python analyze.py analysis=summary run_dir=outputs/runs/<run>
+
+Analyses: summary, report (HTML comparison), wen2018, clip_msm, brainsail, localizer
+(conf/analysis/<name>.yaml lists each one's options).
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -13,8 +17,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from analyses.summary import find_runs, load_run, summary_rows, write_csv
-
+from analyses.summary import find_failed, find_runs, load_run, summary_rows, write_csv
+from encoders.weights import WeightsError
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -25,9 +29,23 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def print_failed(console: Console, failed: list[dict], target: Path) -> None:
+    """The sweep jobs that failed (failed.json), with their overrides and error."""
+    table = Table(title=f"{len(failed)} failed job(s) — {target}")
+    for name in ("job", "overrides", "error"):
+        table.add_column(name, overflow="fold")
+    for job in failed:
+        where = job["dir"].relative_to(target) if job["dir"].is_relative_to(target) else job["dir"]
+        table.add_row(str(where), " ".join(job.get("overrides", [])), f"{job.get('type', '?')}: {job.get('error', '')}")
+    console.print(table)
+
+
 def run_summary(cfg: DictConfig, target: Path) -> None:
     runs = [load_run(d) for d in find_runs(target)]
+    failed = find_failed(target)
     if not runs:
+        if failed:
+            print_failed(Console(width=160), failed, target)
         raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
     header, rows = summary_rows(runs, cfg.analysis.split, list(cfg.analysis.rois) if cfg.analysis.rois else None)
     console = Console(width=max(120, 12 * len(header)))
@@ -46,15 +64,33 @@ def run_summary(cfg: DictConfig, target: Path) -> None:
         for j, name in enumerate(header[main_cols:], start=main_cols):
             roi_table.add_row(name.removeprefix("r "), *[fmt(row[j]) for row in rows])
         console.print(roi_table)
+    if failed:
+        print_failed(console, failed, target)
     write_csv(target / "summary.csv", header, rows)
     console.print(f"wrote {target / 'summary.csv'}")
 
 
-# analysis name -> function(cfg, target directory). Each analysis has a conf/analysis/<name>.yaml
-# whose `name` is its key here; user errors are raised as FileNotFoundError or ValueError.
+# analysis name -> function(cfg, target directory), or "module:function" imported only when that
+# analysis is chosen (the analyses pull in torch, scipy, open_clip: seconds per import). Each analysis
+# has a conf/analysis/<name>.yaml whose `name` is its key here; user errors are raised as
+# FileNotFoundError or ValueError.
 ANALYSES = {
     "summary": run_summary,
+    "report": "analyses.report:run_report",
+    "wen2018": "analyses.wen2018:run_wen2018",
+    "clip_msm": "analyses.clip_msm:run_clip_msm",
+    "brainsail": "analyses.brainsail:run_brainsail",
+    "localizer": "analyses.localizer_job:run_localizer",
 }
+
+
+def analysis_function(name: str):
+    """The function that runs analysis ``name`` (importing its module on first use)."""
+    entry = ANALYSES[name]
+    if isinstance(entry, str):
+        module, _, function = entry.partition(":")
+        entry = getattr(importlib.import_module(module), function)
+    return entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
@@ -68,8 +104,8 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr)
         sys.exit(2)
     try:
-        ANALYSES[cfg.analysis.name](cfg, Path(target))
-    except (FileNotFoundError, ValueError) as err:
+        analysis_function(cfg.analysis.name)(cfg, Path(target))
+    except (FileNotFoundError, ValueError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -230,13 +230,11 @@ def test_unknown_names_raise_value_error():
         build_backbone("resnet5")
 
 
-def test_tiny_is_fast():
-    bb = shared("tiny")
-    x = images("tiny", n=32)
-    bb(x)
-    start = time.perf_counter()
-    bb(x)
-    assert (time.perf_counter() - start) / 32 < 5e-3
+def test_tiny_backbones_are_tiny():
+    """The test backbones stay small enough for 2-core CI (a size check, not a timing)."""
+    assert sum(p.numel() for p in shared("tiny").parameters()) < 50_000
+    assert sum(p.numel() for p in shared("tiny_vit").parameters()) < 200_000
+    assert shared("tiny")(images("tiny", n=2)).shape == (2, shared("tiny").n_features)
 
 
 def test_pool_features_shapes():
