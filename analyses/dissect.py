@@ -28,7 +28,7 @@ Formulas (CLIP-Dissect, Oikarinen & Weng 2023, ``similarity.py``; CLIP-MSM used 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch

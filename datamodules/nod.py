@@ -25,7 +25,8 @@ from datamodules.errors import DataError
 from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, read_betas, read_coco_images,
                                    read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import NSDDataModule, SubjectResponses
-from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels, ncsnr_from_repeats,
+from datamodules.fmri_runs import ncsnr_from_repeats
+from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels,
                                        split_train_val, zscore_trials)
 
 log = logging.getLogger(__name__)

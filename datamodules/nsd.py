@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,6 +24,7 @@ from datamodules.nsd_files import (Labels, NSDPaths, StimulusBrick, read_expdesi
                                    read_session, session_trials)
 from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels, split_train_val,
                                        zscore_trials)
+from datamodules.serving import SPLITS, ResponseDataModule  # noqa: F401  (SPLITS re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -294,25 +294,7 @@ class StimulusDataset(Dataset):
         return item
 
 
-class FeatureDataset(Dataset):
-    """Precomputed features (n, n_features) with responses (n, n_voxels): item -> {"x", "y", "id"}."""
-
-    def __init__(self, features: torch.Tensor, ids: np.ndarray, responses: np.ndarray):
-        if len(features) != len(ids):
-            raise ValueError(f"features have {len(features)} rows for {len(ids)} images")
-        self.features, self.ids, self.responses = features, ids, torch.from_numpy(responses)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"x": self.features[i], "y": self.responses[i], "id": int(self.ids[i])}
-
-
-SPLITS = ("train", "val", "test")
-
-
-class NSDDataModule(L.LightningDataModule):
+class NSDDataModule(ResponseDataModule):
     """NSD-format data for one subject, in one beta space.
 
     After ``setup()``: ``split_ids[split]`` (0-based 73k ids, one per row: with single trials an id
@@ -337,7 +319,7 @@ class NSDDataModule(L.LightningDataModule):
                  space: str = "func1pt8mm", beta_format: str | None = None, rois: Sequence[str] | None = None,
                  test_set: str = "subject", average_repeats: bool = True,
                  sessions_per_subject: Sequence[int] | None = None):
-        super().__init__()
+        super().__init__(seed, batch_size, num_workers)
         if test_set not in TEST_SETS:
             raise ValueError(f"data.test_set must be one of {list(TEST_SETS)}, got {test_set!r}")
         if isinstance(rois, str):
@@ -345,21 +327,15 @@ class NSDDataModule(L.LightningDataModule):
         NSDPaths(Path(root), int(subject), space, beta_format)  # ValueError for an unknown space / format
         self.root, self.subject, self.sessions = Path(root), int(subject), sessions
         self.roi_mask, self.roi_files, self.zscore = roi_mask, list(roi_files), zscore
-        self.val_fraction, self.seed = val_fraction, seed
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction = val_fraction
         self.shuffle_train_targets, self.name = shuffle_train_targets, name
         self.space, self.beta_format = space, beta_format
         self.roi_selection = list(rois) if rois else None
         self.test_set, self.average_repeats = test_set, bool(average_repeats)
         self.sessions_per_subject = list(sessions_per_subject) if sessions_per_subject else None
         self.data: SubjectResponses | None = None
-        self.split_ids: dict[str, np.ndarray] = {}
-        self._responses: dict[str, np.ndarray] = {}
-        self._repeats: dict[str, np.ndarray] = {}
         self._trials: dict[str, dict[str, np.ndarray]] = {}
         self._split_info: dict = {}
-        self.transform: Callable | None = None
-        self.features: dict[str, torch.Tensor] | None = None
         self._brick: StimulusBrick | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -419,40 +395,10 @@ class NSDDataModule(L.LightningDataModule):
         self._split_info.update(test_pool_size=int(len(pool)))
         return have
 
-    @property
-    def n_voxels(self) -> int:
-        return self.data.responses.shape[1]
-
-    @property
-    def rois(self) -> dict[str, np.ndarray]:
-        return self.data.rois
-
-    def targets(self, split: str) -> np.ndarray:
-        """Responses (n_rows, n_voxels) float32 of a split, in split_ids order."""
-        return self._responses[split]
-
-    def n_repeats(self, split: str) -> np.ndarray:
-        """Number of trials averaged into each row's response, (n_rows,) (1 for single trials)."""
-        return self._repeats[split]
-
     def trial_info(self, split: str) -> dict[str, np.ndarray] | None:
         """Single trials only: per row 'session' (1-based), 'trial' (0-based in the session) and 'repeat'
         (0-based presentation of its image); None when repeats are averaged."""
         return self._trials.get(split)
-
-    def ncsnr(self) -> np.ndarray:
-        return self.data.ncsnr
-
-    def set_transform(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
-        """The encoder's preprocessing: uint8 (H, W, 3) -> float (3, S, S)."""
-        self.transform = transform
-
-    def set_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Serve precomputed features {split: (n_rows, n_features)} instead of images."""
-        for split in SPLITS:
-            if split in features and len(features[split]) != len(self.split_ids[split]):
-                raise ValueError(f"{split}: {len(features[split])} feature rows for {len(self.split_ids[split])} images")
-        self.features = features
 
     def image_dataset(self, split: str) -> StimulusDataset:
         """A split's images (through the encoder's transform) with their responses."""
@@ -476,25 +422,6 @@ class NSDDataModule(L.LightningDataModule):
         """Identity of the image file, for feature-cache keys: path, size and modification time."""
         stat = self._brick.path.stat()
         return {"file": str(self._brick.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if self.features is not None and split in self.features:
-            dataset = FeatureDataset(self.features[split], self.split_ids[split], self._responses[split])
-            workers = 0
-        else:
-            dataset, workers = self.image_dataset(split), self.num_workers
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
-                          generator=generator)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def describe(self) -> dict:
         """What the run records about its data: split ids, voxels, sessions, options."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# ncsnr from repeated trials lives with the run preprocessing; datamodules.nod imports it from here.
-from datamodules.fmri_runs import ncsnr_from_repeats  # noqa: F401
 
 COLUMN_BLOCK = 4096
 

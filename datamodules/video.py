@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -32,7 +31,7 @@ from datamodules.errors import DataError
 from datamodules.fmri_runs import (RepeatMoments, detrend_polynomial, invalid_columns, ncsnr_from_noise_variance,
                                    zscore_time)
 from datamodules.hrf import frames_to_volumes, hrf_kernel
-from datamodules.nsd import SPLITS, FeatureDataset
+from datamodules.serving import ResponseDataModule
 from datamodules.video_features import FeatureReducer
 from datamodules.video_files import VideoPaths, iter_frames, probe_video, read_cortex_series
 
@@ -145,7 +144,7 @@ class FrameDataset(IterableDataset):
             yield {"x": self.transform(frame), "id": index}
 
 
-class VideoDataModule(L.LightningDataModule):
+class VideoDataModule(ResponseDataModule):
     """Wen et al. 2018 video fMRI for one subject; samples are TRs.
 
     After ``setup()``: ``split_ids``, ``targets(split)`` (n_TR, n_vertices), ``n_repeats(split)``,
@@ -163,7 +162,7 @@ class VideoDataModule(L.LightningDataModule):
                  hrf: str | dict = "wen", pca_variance: float | None = None, val_segments: int = 2, seed: int = 0,
                  stimuli_dir: str = "stimuli", batch_size: int = 128, frame_batch_size: int = 64,
                  name: str = "video"):
-        super().__init__()
+        super().__init__(seed, batch_size)
         self.root, self.subject, self.stimuli_dir = Path(root), int(subject), stimuli_dir
         self.train_stimuli = segment_names("seg", train_segments)
         self.test_stimuli = segment_names("test", test_segments)
@@ -172,18 +171,12 @@ class VideoDataModule(L.LightningDataModule):
         self.detrend_order, self.frame_stride = int(detrend_order), int(frame_stride)
         self.hrf = hrf if isinstance(hrf, str) else dict(hrf)
         self.pca_variance, self.detrend_features = pca_variance, bool(detrend_features)
-        self.val_segments, self.seed = int(val_segments), seed
-        self.batch_size, self.frame_batch_size = batch_size, frame_batch_size
+        self.val_segments, self.frame_batch_size = int(val_segments), frame_batch_size
         self.name = name
         self._validate()
         self.paths = VideoPaths(self.root, self.subject, stimuli_dir)
         self.data: VideoResponses | None = None
-        self.split_ids: dict[str, np.ndarray] = {}
         self.split_stimuli: dict[str, list[str]] = {}
-        self._responses: dict[str, np.ndarray] = {}
-        self._repeats: dict[str, np.ndarray] = {}
-        self.transform: Callable | None = None
-        self.features: dict[str, torch.Tensor] | None = None
 
     def _validate(self) -> None:
         if not self.train_stimuli or not self.test_stimuli:
@@ -219,37 +212,6 @@ class VideoDataModule(L.LightningDataModule):
             self._responses[split] = np.ascontiguousarray(np.concatenate([data.responses[s] for s in names]))
             self._repeats[split] = np.concatenate([np.full(self.n_volumes, data.n_repeats[s]) for s in names])
         self.data = data
-
-    # -- the NSDDataModule interface ---------------------------------------------
-    @property
-    def n_voxels(self) -> int:
-        return self._responses["train"].shape[1]
-
-    @property
-    def rois(self) -> dict[str, np.ndarray]:
-        return self.data.rois
-
-    def targets(self, split: str) -> np.ndarray:
-        """Responses (n_TR, n_vertices) float32 of a split, in split_ids order."""
-        return self._responses[split]
-
-    def n_repeats(self, split: str) -> np.ndarray:
-        """Number of runs averaged into each TR, (n_TR,)."""
-        return self._repeats[split]
-
-    def ncsnr(self) -> np.ndarray:
-        return self.data.ncsnr
-
-    def set_transform(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
-        """The encoder's preprocessing: uint8 (H, W, 3) -> float (3, S, S)."""
-        self.transform = transform
-
-    def set_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Serve features {split: (n_TR, n_features)}."""
-        for split in SPLITS:
-            if split in features and len(features[split]) != len(self.split_ids[split]):
-                raise ValueError(f"{split}: {len(features[split])} feature rows for {len(self.split_ids[split])} TRs")
-        self.features = features
 
     def stimulus_source(self, stimulus: str) -> dict:
         """Identity of one movie and how it is sampled, for feature-cache keys."""
@@ -308,22 +270,8 @@ class VideoDataModule(L.LightningDataModule):
                 **reducer.describe(), "frame_status": counts}
         return features, info
 
-    # -- loaders -----------------------------------------------------------------
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if self.features is None or split not in self.features:
-            raise RuntimeError("prepare_features() first: video samples are TRs, served as features")
-        dataset = FeatureDataset(self.features[split], self.split_ids[split], self._responses[split])
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def image_dataset(self, split: str):
+        raise RuntimeError("prepare_features() first: video samples are TRs, served as features")
 
     def describe(self) -> dict:
         """What the run records about its data: segments per split, vertices, preprocessing options."""

@@ -18,7 +18,7 @@ from scipy import stats
 
 from datamodules.errors import DataError
 from datamodules.nod import NODDataModule, load_nod_subject
-from datamodules.preprocessing import ncsnr_from_repeats
+from datamodules.fmri_runs import ncsnr_from_repeats
 from datamodules.synthetic_nod import ensure_synthetic_nod
 from tests.conftest import REPO
 from train import train

@@ -1,0 +1,102 @@
+"""What every brainprobe datamodule serves once its responses are loaded (NSD, NOD, video).
+
+A subclass fills, in ``setup()``: ``split_ids`` {split: (n_rows,) int ids}, ``_responses``
+{split: (n_rows, n_voxels) float32}, ``_repeats`` {split: (n_rows,)} and ``data`` (an object with
+``rois`` {name: bool (n_voxels,)} and ``ncsnr`` (n_voxels,)). It serves images through
+``image_dataset(split)``, or precomputed features after ``set_features``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class FeatureDataset(Dataset):
+    """Precomputed features (n, n_features) with responses (n, n_voxels): item -> {"x", "y", "id"}."""
+
+    def __init__(self, features: torch.Tensor, ids: np.ndarray, responses: np.ndarray):
+        if len(features) != len(ids):
+            raise ValueError(f"features have {len(features)} rows for {len(ids)} samples")
+        self.features, self.ids, self.responses = features, ids, torch.from_numpy(responses)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.features[i], "y": self.responses[i], "id": int(self.ids[i])}
+
+
+class ResponseDataModule(L.LightningDataModule):
+    """Targets, noise ceiling, ROIs and loaders over the splits a subclass's ``setup()`` made.
+
+    seed: the training loader's shuffling; batch_size, num_workers: the loaders'.
+    """
+
+    def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0):
+        super().__init__()
+        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.data = None
+        self.split_ids: dict[str, np.ndarray] = {}
+        self._responses: dict[str, np.ndarray] = {}
+        self._repeats: dict[str, np.ndarray] = {}
+        self.transform: Callable | None = None
+        self.features: dict[str, torch.Tensor] | None = None
+
+    @property
+    def n_voxels(self) -> int:
+        return self._responses["train"].shape[1]
+
+    @property
+    def rois(self) -> dict[str, np.ndarray]:
+        return self.data.rois
+
+    def targets(self, split: str) -> np.ndarray:
+        """Responses (n_rows, n_voxels) float32 of a split, in split_ids order."""
+        return self._responses[split]
+
+    def n_repeats(self, split: str) -> np.ndarray:
+        """Number of trials/runs averaged into each row's response, (n_rows,)."""
+        return self._repeats[split]
+
+    def ncsnr(self) -> np.ndarray:
+        return self.data.ncsnr
+
+    def set_transform(self, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        """The encoder's preprocessing: uint8 (H, W, 3) -> float (3, S, S)."""
+        self.transform = transform
+
+    def set_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Serve precomputed features {split: (n_rows, n_features)} instead of images."""
+        for split in SPLITS:
+            if split in features and len(features[split]) != len(self.split_ids[split]):
+                raise ValueError(f"{split}: {len(features[split])} feature rows for {len(self.split_ids[split])} rows")
+        self.features = features
+
+    def image_dataset(self, split: str) -> Dataset:
+        """A split's images with their responses; datamodules that serve images override this."""
+        raise RuntimeError(f"{type(self).__name__} serves precomputed features only: set_features() first")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.features is not None and split in self.features:
+            dataset = FeatureDataset(self.features[split], self.split_ids[split], self._responses[split])
+            workers = 0
+        else:
+            dataset, workers = self.image_dataset(split), self.num_workers
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
+                          generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
