@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from analyses.summary import find_failed, find_runs, load_run, summary_rows, write_csv
+from analyses.outputs import write_csv
+from analyses.summary import find_failed, find_runs, load_run, summary_rows
 from encoders.weights import WeightsError
 
 

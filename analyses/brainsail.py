@@ -26,7 +26,6 @@ patch when the run normalised its embeddings, and the run's head is applied to e
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ import yaml
 from rich.console import Console
 
 from analyses import attribution as attr
+from analyses.outputs import pyplot, write_csv
 from analyses.summary import find_runs
 from encoders.distill import FILLS, distill, make_views
 from encoders.run_record import write_json
@@ -387,7 +387,7 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
     for j, col in enumerate(primary.columns):
         for name, st in prop_stats.items():
             prop_rows.append([col, name, st[j]["mean"], st[j]["se"], st[j]["t"], st[j]["p"], st[j]["n"]])
-    files.append(_write_csv(out / "properties.csv", ["column", "property", "r_mean", "r_se", "t", "p", "n_images"],
+    files.append(write_csv(out / "properties.csv", ["column", "property", "r_mean", "r_se", "t", "p", "n_images"],
                             prop_rows))
     summary["properties"] = {name: {col: st[j] for j, col in enumerate(primary.columns)} for name, st in prop_stats.items()}
 
@@ -406,7 +406,7 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
             mean_top = np.array([np.nanmean(best[top[j], j, k]) if np.isfinite(best[top[j], j, k]).any() else -np.inf
                                  for k in range(len(categories))])
             top_category[col] = categories[int(np.lexsort((-mean_top, -counts_top))[0])] if counts_top.sum() else ""
-        files.append(_write_csv(out / "captions.csv",
+        files.append(write_csv(out / "captions.csv",
                                 ["column", "category", "n_top_images", "frac_all_images", "mean_best_r"], cap_rows))
         summary["captions"] = {"source": str(opts.captions), "categories": categories, "top_category": top_category,
                                "backbone": primary.encoder.backbone.spec.name}
@@ -418,7 +418,7 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
             agree_rows.append([col, encoders[a].label, encoders[b].label, st[j]["mean"], st[j]["se"], st[j]["n"]])
             agree_stats.setdefault(col, []).append(st[j]["mean"])
     if agree_rows:
-        files.append(_write_csv(out / "agreement.csv", ["column", "encoder_a", "encoder_b", "r_mean", "r_se", "n_images"],
+        files.append(write_csv(out / "agreement.csv", ["column", "encoder_a", "encoder_b", "r_mean", "r_se", "n_images"],
                                 agree_rows))
         summary["agreement"] = {col: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
                                 for col, v in agree_stats.items()}
@@ -434,7 +434,7 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
         row += [top_category.get(col, "")] if captions is not None else []
         row += [summary["agreement"][col]] if agree_rows else []
         rows.append(row)
-    files.append(_write_csv(out / "rois.csv", header, rows))
+    files.append(write_csv(out / "rois.csv", header, rows))
     summary["rois"] = [dict(zip(header, row)) for row in rows]
 
     top_images = {i: source.image(i) for i in np.unique(top)}
@@ -488,13 +488,6 @@ def _agreement(a: EncoderMaps, b: EncoderMaps, columns: Sequence[str], size: int
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _scaled(m: np.ndarray, size: int) -> np.ndarray:
     up = attr.upsample(m[None, None], size)[0, 0]
     lo, hi = up.min(), up.max()
@@ -504,7 +497,7 @@ def _scaled(m: np.ndarray, size: int) -> np.ndarray:
 def plot_overlays(images: np.ndarray, maps: np.ndarray, ids: Sequence, predicted: np.ndarray, path: Path,
                   title: str) -> Path:
     """Top row the images (n, S, S, 3), bottom row each with its map (n, h, w) overlaid (jet, min-max)."""
-    plt = _pyplot()
+    plt = pyplot()
     n, size = len(images), images.shape[1]
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     for k in range(n):
@@ -524,7 +517,7 @@ def plot_overlays(images: np.ndarray, maps: np.ndarray, ids: Sequence, predicted
 def plot_comparison(images: np.ndarray, maps: dict[str, np.ndarray | None], ids: Sequence, path: Path,
                     title: str) -> Path:
     """The images (top row) and each encoder's maps overlaid (one row per encoder)."""
-    plt = _pyplot()
+    plt = pyplot()
     n, size = len(images), images.shape[1]
     fig, axes = plt.subplots(1 + len(maps), n, figsize=(2.2 * n, 2.2 * (1 + len(maps))), squeeze=False)
     for k in range(n):
@@ -583,9 +576,3 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _write_csv(path: Path, header: list, rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([[f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row] for row in rows])
-    return path

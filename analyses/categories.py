@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
+from analyses.outputs import pyplot
+
 __all__ = [
     "CategoryStats", "category_maps", "dprime", "selectivity", "top_categories", "roi_profile",
     "category_similarity", "network", "signed_modularity", "ClusterResult", "cluster_categories",
@@ -475,17 +477,10 @@ def finer_clusters(stats: CategoryStats, result: ClusterResult, voxels: np.ndarr
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_similarity(similarity: np.ndarray, names: Sequence[str], labels: np.ndarray | None, path: str | Path,
                     title: str = "category similarity") -> Path:
     """The (C, C) similarity matrix, categories ordered by cluster with the clusters outlined; PNG at path."""
-    plt = _pyplot()
+    plt = pyplot()
     sim = np.asarray(similarity)
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(names))
     fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(names), 2 + 0.3 * len(names)))
@@ -511,7 +506,7 @@ def plot_similarity(similarity: np.ndarray, names: Sequence[str], labels: np.nda
 def plot_roi_profile(profile: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path,
                      title: str = "mean d' per ROI", label: str = "d'") -> Path:
     """Heatmap ROI x category of a per-ROI profile (e.g. mean d'), the best category boxed; PNG at path."""
-    plt = _pyplot()
+    plt = pyplot()
     rois = list(profile)
     mat = np.array([profile[r] for r in rois], dtype=np.float64).reshape(len(rois), len(names))
     lim = np.nanmax(np.abs(mat)) if np.isfinite(mat).any() else 1.0

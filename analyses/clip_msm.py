@@ -42,7 +42,6 @@ that for the other images, per voxel) for concepts with a ``synthetic_category``
 """
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analyses import dissect
+from analyses.outputs import pyplot, write_csv
 from analyses.summary import find_runs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -494,9 +494,9 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
     files.append(out / "scores.npz")
     header = ["roi", "n_voxels", "top_concept", "top_share", "expected_concept", "expected_share",
               *[f"n_{c}" for c in opts.concepts]]
-    files.append(_write_csv(out / "roi_labels.csv", header, label_rows))
+    files.append(write_csv(out / "roi_labels.csv", header, label_rows))
     files.append(plot_label_histograms(label_rows, opts.concepts, out / "label_histograms.png", title))
-    files.append(_write_csv(out / "top_images.csv", ["roi", "top_concept", "n_voxels_labelled", "rank", "image",
+    files.append(write_csv(out / "top_images.csv", ["roi", "top_concept", "n_voxels_labelled", "rank", "image",
                                                      "mean_activation"], top["rows"]))
     png = plot_top_images(top, probe, out / "top_images.png", title)
     if png is not None:
@@ -505,7 +505,7 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
                                     out / "semantic_maps.png", title))
     loc_rows = [[c, truth_sources.get(c, ""), int(np.isfinite(truth[i]).sum()) if i in truth else 0,
                  loc[opts.similarity]["msm"][i], loc[opts.similarity]["hard"][i]] for i, c in enumerate(opts.concepts)]
-    files.append(_write_csv(out / "localizer.csv", ["concept", "ground_truth", "n_voxels", "r_msm", "r_hard"],
+    files.append(write_csv(out / "localizer.csv", ["concept", "ground_truth", "n_voxels", "r_msm", "r_hard"],
                             loc_rows))
     if truth_sources:
         files.append(plot_localizer(loc_rows, out / "localizer.png", title))
@@ -516,7 +516,7 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
             rois_c = [r for r in rois if expected_concept(r, opts) == c]
             sim_rows.append([name, c, loc[name]["msm"][i], loc[name]["hard"][i],
                              float(np.nanmean([acc[r] for r in rois_c])) if rois_c else float("nan")])
-    files.append(_write_csv(out / "similarities.csv", ["similarity", "concept", "r_msm", "r_hard",
+    files.append(write_csv(out / "similarities.csv", ["similarity", "concept", "r_msm", "r_hard",
                                                        "expected_share_mean"], sim_rows))
     if curve is not None:
         files += write_training_curve(curve, out, title)
@@ -610,9 +610,9 @@ def write_training_curve(curve: dict, out: Path, title: str) -> list[Path]:
         for roi, mask in curve["rois"].items():
             rows.append([int(n), int(curve["n_rows"][k]), roi, int(mask.sum()),
                          float(np.nanmean(curve["r2"][k, mask])), float(np.nanmean(curve["r"][k, mask]))])
-    files = [_write_csv(out / "training_curve.csv", ["n_train_images", "n_train_rows", "roi", "n_voxels",
+    files = [write_csv(out / "training_curve.csv", ["n_train_images", "n_train_rows", "roi", "n_voxels",
                                                      "r2_mean", "r_mean"], rows)]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for roi, mask in list(curve["rois"].items())[:12]:
         ax.plot(curve["sizes"], np.nanmean(curve["r2"][:, mask], axis=1), marker="o", label=roi,
@@ -670,7 +670,7 @@ def write_sweep(results: list[dict], target: Path, console: Console) -> list[Pat
     files, notes = [], []
     for (backbone, head, dataset), res in paired_localizer_tests(results, notes).items():
         stem = f"clip_msm_localizer_paired_{backbone}_{head}_{dataset}"
-        files.append(_write_csv(target / f"{stem}.csv", ["concept", "n_subjects", "r_msm_mean", "r_hard_mean",
+        files.append(write_csv(target / f"{stem}.csv", ["concept", "n_subjects", "r_msm_mean", "r_hard_mean",
                                                           "t", "p"], res["rows"]))
         files.append(plot_paired(res["rows"], target / f"{stem}.png",
                                  f"{backbone}/{head} {dataset}: subjects {res['subjects']}"))
@@ -682,7 +682,7 @@ def write_sweep(results: list[dict], target: Path, console: Console) -> list[Pat
         console.print(table)
     curves = [r for r in results if r["curve"] is not None]
     if len(curves) > 1:
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in curves:
             s = r["summary"]
@@ -726,18 +726,9 @@ def run_clip_msm(cfg, target: Path) -> None:
 # ----------------------------------------------------------------------------- figures and files
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_label_histograms(rows: list[list], concepts: list[str], path: Path, title: str) -> Path:
     """Voxels per hard label for each ROI (CLIP-MSM Fig. 4A), one small bar chart per ROI."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(rows), 1)
     cols = min(n, 6)
     nrows = (n + cols - 1) // cols
@@ -763,7 +754,7 @@ def plot_top_images(top: dict, probe: Probe, path: Path, title: str, max_rois: i
     """Top images per ROI for its top concept (CLIP-MSM Fig. 4B); None when the probe images cannot be read."""
     if probe.reader is None or not top["per_roi"]:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     items = list(top["per_roi"].items())[:max_rois]
     k = max(len(idx) for _, (_, idx) in items)
     fig, axes = plt.subplots(len(items), k, figsize=(1.6 * k, 1.6 * len(items)), squeeze=False)
@@ -800,7 +791,7 @@ def _projection(values: np.ndarray, xyz: np.ndarray) -> np.ndarray:
 def plot_semantic_maps(S: np.ndarray, labels: np.ndarray, xyz: np.ndarray, concepts: list[str], path: Path,
                        title: str, max_concepts: int = 12) -> Path:
     """Each concept's S map (top row) and CLIP-Dissect's hard-label map (bottom row)."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = list(range(min(len(concepts), max_concepts)))
     fig, axes = plt.subplots(2, len(shown), figsize=(2.3 * len(shown), 4.6), squeeze=False)
     for j, c in enumerate(shown):
@@ -819,7 +810,7 @@ def plot_semantic_maps(S: np.ndarray, labels: np.ndarray, xyz: np.ndarray, conce
 
 
 def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in rows if r[1]]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
@@ -837,7 +828,7 @@ def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
 
 
 def plot_paired(rows: list[list], path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
     ax.bar(x - 0.2, [r[2] for r in rows], 0.4, label="CLIP-MSM")
@@ -856,22 +847,8 @@ def plot_paired(rows: list[list], path: Path, title: str) -> Path:
     return path
 
 
-def _write_csv(path: Path, header: list, rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([[_cell(v) for v in row] for row in rows])
-    return path
-
-
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
-
-
-def _cell(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not np.isfinite(v) else f"{float(v):.6g}"
-    return v
 
 
 def _num(v):

@@ -35,7 +35,6 @@ What it does, into ``<run_dir or sweep_dir>/<out_subdir>/``:
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 from collections import defaultdict
@@ -50,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analyses import localizer as loc
+from analyses.outputs import pyplot, write_csv
 from analyses.categories import CategoryStats
 from analyses.summary import find_runs
 from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
@@ -549,19 +549,19 @@ def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | No
 
     # --- outputs
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [write_csv(out_dir / "unit_counts.csv", count_rows),
+    files = [write_dict_rows(out_dir / "unit_counts.csv", count_rows),
              plot_counts(count_rows, main.name, out_dir / "unit_counts.png", opts)]
     np.savez_compressed(out_dir / "units.npz", **{k: v.astype(np.float32) for k, v in tmaps_units.items()})
     files.append(out_dir / "units.npz")
     if overlap_rows:
-        files.append(write_csv(out_dir / "overlap.csv", overlap_rows))
+        files.append(write_dict_rows(out_dir / "overlap.csv", overlap_rows))
     if comparison_rows:
-        files.append(write_csv(out_dir / "comparison.csv", comparison_rows))
+        files.append(write_dict_rows(out_dir / "comparison.csv", comparison_rows))
         if ceiling_rows:
-            files.append(write_csv(out_dir / "ceiling.csv", ceiling_rows))
+            files.append(write_dict_rows(out_dir / "ceiling.csv", ceiling_rows))
         files.append(plot_comparison(comparison_rows, ceiling_rows, main.name, out_dir / "comparison.png"))
     if lesion_rows:
-        files.append(write_csv(out_dir / "lesions.csv", lesion_rows))
+        files.append(write_dict_rows(out_dir / "lesions.csv", lesion_rows))
         files.append(plot_lesions(lesion_rows, out_dir / "lesions.png"))
     summary = {"runs": [str(r.dir) for r in runs], "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
                "localizers": [{"name": s.name, "source": s.source, "images": s.counts()} for s in sets],
@@ -649,26 +649,14 @@ def lesions_for_run(run: Run, enc, unit_info: dict, brain: SubjectBrain, masks: 
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else
-                                 f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    return path
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def write_dict_rows(path: Path, rows: list[dict]) -> Path:
+    """rows: dicts with the same keys, in column order -> a CSV with those keys as its header."""
+    return write_csv(path, list(rows[0]), [list(row.values()) for row in rows])
 
 
 def plot_counts(rows: list[dict], set_name: str, path: Path, opts: LocalizerOptions) -> Path:
     """% selective units per layer and category (main localizer): solid = the run's weights, dashed = random."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in rows if r["localizer"] == set_name]
     groups = list(dict.fromkeys((r["backbone"], r["weights"]) for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -695,7 +683,7 @@ def plot_counts(rows: list[dict], set_name: str, path: Path, opts: LocalizerOpti
 def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: Path) -> Path:
     """Noise-corrected tuning and RDM consistency per category: each run's units (main localizer) vs the
     human–human ceiling, with bootstrap CIs."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, measure in zip(axes, ("tuning", "rdm")):
         model = [r for r in rows if r["measure"] == measure and r["localizer"] == set_name]
@@ -730,7 +718,7 @@ def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: 
 
 def plot_lesions(rows: list[dict], path: Path) -> Path:
     """Held-out mean r in each region for each unit subset (random subsets: mean ± SD over draws)."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = list(dict.fromkeys((r["run"], r["layer"], r["category"]) for r in rows))
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))

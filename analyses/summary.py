@@ -1,7 +1,6 @@
 """Collect run directories and tabulate their accuracy: the demo's summary table."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -57,8 +56,3 @@ def summary_rows(runs: list[dict], split: str = "test", rois: list[str] | None =
     return header, rows
 
 
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)

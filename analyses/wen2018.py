@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from analyses import categories as cat
+from analyses.outputs import write_csv
 from analyses.summary import find_runs
 from encoders.run_record import write_json
 
@@ -208,7 +209,7 @@ def accuracy(run: RunData, opts: Wen2018Options) -> dict:
 
 def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
     """Histogram of r (all voxels vs FDR-significant) and per-ROI mean r ± SE with the significant share."""
-    plt = cat._pyplot()
+    plt = cat.pyplot()
     r, sig = acc["r"], acc["significant"]
     rows = [row for row in acc["rows"] if row[0] != "all"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2]})
@@ -279,7 +280,7 @@ def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
         total = int(counts.sum())
         mean = float((counts * np.arange(len(counts))).sum() / total) if total else float("nan")
         rows.append([roi, total, mean, *[int(c) for c in counts]])
-    csv_path = _write_csv(out / "best_layer.csv", header, rows)
+    csv_path = write_csv(out / "best_layer.csv", header, rows)
     png = lay.plot_best_layer_per_roi({k: v for k, v in res["counts"].items()}, res["layers"],
                                       out / "best_layer.png", title)
     return [csv_path, png]
@@ -448,7 +449,7 @@ def category_organisation(stats_all: cat.CategoryStats, stats_layer: dict[str, c
 
 def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndarray, path: Path, title: str) -> Path:
     """One similarity matrix per layer (categories ordered by cluster) and Q per layer."""
-    plt = cat._pyplot()
+    plt = cat.pyplot()
     names_l = list(layers_block)
     order = np.argsort(labels, kind="stable")
     fig, axes = plt.subplots(1, len(names_l) + 1, figsize=(2.6 * (len(names_l) + 1), 3))
@@ -490,7 +491,7 @@ def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic
     header = ["roi", "n_voxels", "top_category", "selectivity_mean", "selectivity_se"] + [f"dprime_{n}" for n in names]
     rows = [[roi, int(rois[roi].sum()), names[int(np.nanargmax(v))] if np.isfinite(v).any() else "",
              sel_summary[roi]["mean"], sel_summary[roi]["se"], *v.tolist()] for roi, v in profile.items()]
-    files.append(_write_csv(out / "dprime.csv", header, rows))
+    files.append(write_csv(out / "dprime.csv", header, rows))
     files.append(cat.plot_roi_profile({k: v for k, v in profile.items()}, names, out / "dprime.png",
                                       f"mean d' per ROI ({len(paths)} images) — {title}"))
     np.savez_compressed(out / "category_maps.npz", maps=stats_all.means.astype(np.float32),
@@ -509,7 +510,7 @@ def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic
     if "layers" in organisation:
         layer_rows = [[name, b["q"], b.get("semantic_r"), b.get("semantic_p")]
                       for name, b in organisation["layers"].items()]
-        files.append(_write_csv(out / "layers_categories.csv", ["layer", "q", "semantic_r", "semantic_p"], layer_rows))
+        files.append(write_csv(out / "layers_categories.csv", ["layer", "q", "semantic_r", "semantic_p"], layer_rows))
         files.append(plot_layers_categories(organisation["layers"], names, labels_c, out / "layers_categories.png",
                                             f"single-layer category similarity and Q — {title}"))
     console.print(f"categories: {q_text}; clusters {organisation.get('clusters', {}).get('members')}")
@@ -539,7 +540,7 @@ def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console
     title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run_dir.name}"
 
     acc = accuracy(run, opts)
-    files.append(_write_csv(out / "accuracy.csv", acc["header"], acc["rows"]))
+    files.append(write_csv(out / "accuracy.csv", acc["header"], acc["rows"]))
     write_json(out / "accuracy.json", acc["summary"])
     files += [out / "accuracy.json", plot_accuracy(acc, out / "accuracy.png", title)]
     voxels = {k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r")}
@@ -654,7 +655,7 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
         stem = f"wen2018_best_layer_{backbone}_{head}"
         header = ["roi", "n_voxels"] + [f"n_{n}" for n in layer_names]
         rows = [[roi, int(c.sum()), *c.tolist()] for roi, c in counts.items()]
-        written.append(_write_csv(out_dir / f"{stem}.csv", header, rows))
+        written.append(write_csv(out_dir / f"{stem}.csv", header, rows))
         written.append(lay.plot_best_layer_per_roi(counts, layer_names, out_dir / f"{stem}.png",
                                                    f"best layer per voxel ({split} r, one run per layer): {backbone}/{head}"))
     return written
@@ -684,20 +685,6 @@ def run_wen2018(cfg, target: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- output helpers
-
-
-def _write_csv(path: Path, header: list, rows: list[list]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows([[_cell(v) for v in row] for row in rows])
-    return path
-
-
-def _cell(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not np.isfinite(v) else f"{float(v):.6g}"
-    return v
 
 
 def _fmt(v, digits=3) -> str:
