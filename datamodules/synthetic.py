@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import os
 import pathlib
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +52,7 @@ import scipy.io
 from PIL import Image
 from scipy import ndimage
 
+from datamodules.atomic_dir import ensure_generated, write_dir_atomically
 from datamodules.synthetic_images import CATEGORIES, render
 
 FORMAT_VERSION = 1
@@ -640,50 +639,7 @@ def _build(root: pathlib.Path, p: dict, extra_signal_fn: Callable | None) -> Non
     meta_path(root).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-# --------------------------------------------------------------------------- atomic publish
-def _nonempty(path: pathlib.Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_tmp(out: pathlib.Path) -> None:
-    """Delete ``DIR.tmp-<pid>`` / ``DIR.old-<pid>`` leftovers of generations whose process is gone."""
-    for kind in ("tmp", "old"):
-        for d in out.parent.glob(f"{out.name}.{kind}-*"):
-            pid = d.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
-
-
-def _publish(tmp: pathlib.Path, out: pathlib.Path, force: bool) -> None:
-    """Move the finished ``tmp`` dir to ``out`` atomically (replacing ``out`` only if ``force``)."""
-    old = None
-    if _nonempty(out):
-        if not force:
-            raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite or --if-missing to reuse)")
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    elif out.is_dir():
-        out.rmdir()
-    try:
-        os.replace(tmp, out)
-    except OSError as e:
-        if old is not None:
-            os.replace(old, out)  # put the previous dataset back
-        raise FileExistsError(f"{out} appeared while generating: {e}") from e
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
+# --------------------------------------------------------------------------- generate
 def generate(out_dir, *, n_subjects: int = 2, n_shared: int = 100, n_unique: int = 500, n_repeats: int = 3,
              n_sessions: int = 6, image_size: int = 425, volume_shape=(18, 22, 18), n_dead_voxels: int = 5,
              snr_range=(0.4, 1.5), seed: int = 0, extra_signal_fn: Callable | None = None,
@@ -698,47 +654,16 @@ def generate(out_dir, *, n_subjects: int = 2, n_shared: int = 100, n_unique: int
     p = normalise_params(n_subjects=n_subjects, n_shared=n_shared, n_unique=n_unique, n_repeats=n_repeats,
                          n_sessions=n_sessions, image_size=image_size, volume_shape=volume_shape,
                          n_dead_voxels=n_dead_voxels, snr_range=snr_range, seed=seed, extra_signal_fn=extra_signal_fn)
-    if _nonempty(out) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite or --if-missing to reuse)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _build(tmp, p, extra_signal_fn)
-        _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _param_diff(existing: dict, wanted: dict) -> list[str]:
-    """Keys whose values differ between a stored synthetic.json and the requested params."""
-    keys = list(wanted) + ["version"]
-    want = {**wanted, "version": FORMAT_VERSION}
-    return [k for k in keys if existing.get(k) != want[k]]
+    return write_dir_atomically(out, lambda tmp: _build(tmp, p, extra_signal_fn), force)
 
 
 def ensure_synthetic(out_dir, **params) -> pathlib.Path:
     """Generate at ``out_dir`` only if ``out_dir/synthetic.json`` is absent.
 
     If present but made with different parameters, raise ValueError naming the dir and keys."""
-    out = pathlib.Path(out_dir)
-    wanted = normalise_params(**params)
-    if not meta_path(out).exists():
-        try:
-            return generate(out, **params)
-        except FileExistsError:
-            if not meta_path(out).exists():  # a non-dataset dir is in the way
-                raise
-    existing = json.loads(meta_path(out).read_text())
-    diff = _param_diff(existing, wanted)
-    if diff:
-        details = ", ".join(f"{k}: {existing.get(k)!r} != {wanted.get(k, FORMAT_VERSION)!r}" for k in diff)
-        raise ValueError(f"{out} holds a synthetic dataset made with different parameters ({details}); "
-                         f"delete it or regenerate with --force")
-    return out
+    wanted = {**normalise_params(**params), "version": FORMAT_VERSION}
+    return ensure_generated(out_dir, meta_path(out_dir).name, wanted, lambda: generate(out_dir, **params),
+                            "synthetic dataset")
 
 
 # --------------------------------------------------------------------------- summary / CLI

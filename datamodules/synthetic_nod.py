@@ -32,9 +32,7 @@ import argparse
 import csv
 import io
 import json
-import os
 import pathlib
-import shutil
 import sys
 import time
 
@@ -44,7 +42,8 @@ import numpy as np
 from nibabel import cifti2
 from PIL import Image
 
-from datamodules.synthetic import (StimulusFeatures, _publish, _remove_stale_tmp, _standardise, image_features,
+from datamodules.atomic_dir import ensure_generated, write_dir_atomically
+from datamodules.synthetic import (StimulusFeatures, _standardise, image_features,
                                    rf_responses, within_category_modulation)
 from datamodules.synthetic_images import CATEGORIES, render
 
@@ -338,39 +337,14 @@ def generate_nod(out_dir, *, force: bool = False, **params) -> pathlib.Path:
     atomically; an existing non-empty ``out_dir`` raises FileExistsError unless ``force``)."""
     out = pathlib.Path(out_dir)
     p = normalise_params(**params)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite or --if-missing to reuse)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _build(tmp, p)
-        _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_dir_atomically(out, lambda tmp: _build(tmp, p), force)
 
 
 def ensure_synthetic_nod(out_dir, **params) -> pathlib.Path:
     """Generate at ``out_dir`` only if ``out_dir/synthetic_nod.json`` is absent; ValueError naming the
     differing keys if it holds a dataset made with other parameters."""
-    out = pathlib.Path(out_dir)
     wanted = {**normalise_params(**params), "version": FORMAT_VERSION}
-    if not (out / META).exists():
-        try:
-            return generate_nod(out, **params)
-        except FileExistsError:
-            if not (out / META).exists():
-                raise
-    existing = json.loads((out / META).read_text())
-    diff = [k for k in wanted if existing.get(k) != wanted[k]]
-    if diff:
-        details = ", ".join(f"{k}: {existing.get(k)!r} != {wanted[k]!r}" for k in diff)
-        raise ValueError(f"{out} holds a synthetic NOD dataset made with different parameters ({details}); "
-                         f"delete it or regenerate with --force")
-    return out
+    return ensure_generated(out_dir, META, wanted, lambda: generate_nod(out_dir, **params), "synthetic NOD dataset")
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +39,7 @@ import h5py
 import numpy as np
 
 from datamodules.hrf import frames_to_volumes
-from datamodules.synthetic import _nonempty, _publish, _remove_stale_tmp
+from datamodules.atomic_dir import ensure_generated, write_dir_atomically
 from datamodules.synthetic_images import CATEGORIES, render
 from datamodules.video_files import VideoPaths, write_dtseries, write_mp4
 
@@ -265,39 +263,15 @@ def generate_video(out_dir, *, force: bool = False, extra_signal_fn: Callable | 
     noise-free signals of k extra vertices per subject."""
     out = pathlib.Path(out_dir)
     p = normalise_params(extra_signal_fn=extra_signal_fn, **params)
-    if _nonempty(out) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to overwrite or --if-missing to reuse)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _build(tmp, p, extra_signal_fn)
-        _publish(tmp, out, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return write_dir_atomically(out, lambda tmp: _build(tmp, p, extra_signal_fn), force)
 
 
 def ensure_synthetic_video(out_dir, **params) -> pathlib.Path:
     """Generate at ``out_dir`` only if ``synthetic_video.json`` is absent; if present but made with other
     parameters, raise ValueError naming the dir and the keys that differ."""
-    out = pathlib.Path(out_dir)
-    wanted = normalise_params(**params)
-    if not meta_path(out).exists():
-        try:
-            return generate_video(out, **params)
-        except FileExistsError:
-            if not meta_path(out).exists():
-                raise
-    existing = json.loads(meta_path(out).read_text())
-    diff = [k for k in [*wanted, "version"] if existing.get(k) != {**wanted, "version": FORMAT_VERSION}[k]]
-    if diff:
-        details = ", ".join(f"{k}: {existing.get(k)!r} != {({**wanted, 'version': FORMAT_VERSION})[k]!r}" for k in diff)
-        raise ValueError(f"{out} holds a synthetic video dataset made with different parameters ({details}); "
-                         f"delete it or regenerate with --force")
-    return out
+    wanted = {**normalise_params(**params), "version": FORMAT_VERSION}
+    return ensure_generated(out_dir, meta_path(out_dir).name, wanted, lambda: generate_video(out_dir, **params),
+                            "synthetic video dataset")
 
 
 # --------------------------------------------------------------------------- CLI
