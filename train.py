@@ -62,7 +62,17 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def wandb_group(single_run_group: str) -> str:
+    """The W&B group: a multirun's sweep directory name (all its jobs in one group), else the given one."""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweep.dir:
+            return Path(str(hydra_cfg.sweep.dir)).name
+    return single_run_group
+
+
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
 
 
 def build_datamodule(cfg: DictConfig):

@@ -36,6 +36,17 @@ def test_wandb_is_offline_without_a_key_and_grouped(make_cfg, monkeypatch):
     assert cfg.logger.wandb.offline is True
     assert cfg.logger.wandb.group == "synthetic"
     assert list(cfg.logger.wandb.tags) == ["alexnet", "mlp", "synthetic", "subj1"]
+    both = make_cfg(["logger=csv_wandb"]).logger
+    assert set(both) == {"csv", "wandb"}
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+    swept = make_cfg(["logger=wandb"])
+    with read_write(swept.hydra), open_dict(swept.hydra):
+        swept.hydra.mode = RunMode.MULTIRUN
+        swept.hydra.sweep.dir = "/tmp/sweeps/2026-01-01_00-00-00"
+    HydraConfig.instance().set_config(swept)
+    assert swept.logger.wandb.group == "2026-01-01_00-00-00"  # every job of a sweep in one group
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert make_cfg(["logger=wandb"]).logger.wandb.offline is False
     monkeypatch.setenv("WANDB_MODE", "offline")
