@@ -9,8 +9,11 @@ Analyses: summary, report (HTML comparison), wen2018, clip_msm, brainsail, local
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("WANDB_SILENT", "true")
 
 import hydra
 from omegaconf import DictConfig
