@@ -14,7 +14,6 @@ the voxels both runs scored (matched by voxel coordinates).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import stats
 
-from analyses.summary import find_runs, load_run
+from analyses.summary import find_failed, find_runs, load_run
 
 METRICS = ("nc_r2", "r", "r2")
 METRIC_LABELS = {"nc_r2": "noise-normalised R² (R²/NC)", "r": "Pearson r", "r2": "R²"}
@@ -102,22 +101,13 @@ def load_runs(directory: str | Path) -> list[RunRecord]:
 
 
 def failed_jobs(directory: str | Path) -> list[dict]:
-    """Sweep jobs that failed: directories with failed.json ({"error", "type", "overrides"[, "traceback"]})
-    and no metrics.json, as {"name", "dir", "error", "type", "overrides", "traceback"}."""
+    """Sweep jobs that failed (``summary.find_failed``), as {"name", "dir", "error", "type", "overrides",
+    "traceback"} with ``name`` relative to ``directory``."""
     directory = Path(directory)
-    out = []
-    for path in sorted(directory.rglob("failed.json")):
-        if (path.parent / "metrics.json").exists():
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            record = {"error": f"unreadable failed.json: {err}", "type": "?", "overrides": []}
-        out.append({"name": str(path.parent.relative_to(directory)), "dir": path.parent,
-                    "error": str(record.get("error", "?")), "type": str(record.get("type", "?")),
-                    "overrides": [str(o) for o in record.get("overrides", [])],
-                    "traceback": str(record.get("traceback", ""))})
-    return out
+    return [{"name": str(job["dir"].relative_to(directory)), "dir": job["dir"],
+             "error": str(job.get("error", "?")), "type": str(job.get("type", "?")),
+             "overrides": [str(o) for o in job.get("overrides", [])], "traceback": str(job.get("traceback", ""))}
+            for job in find_failed(directory)]
 
 
 def roi_mean_se(values: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, tuple[float, float, int]]:

@@ -16,9 +16,12 @@ def find_runs(directory: str | Path) -> list[Path]:
 def find_failed(directory: str | Path) -> list[dict]:
     """Sweep jobs that failed, at or below ``directory``: the failed.json train.py writes in a failed job's
     directory, {"error": one line, "type": exception class, "overrides": [...], "traceback": text},
-    each with "dir" added; sorted by path. An unreadable failed.json is reported as such."""
+    each with "dir" added; sorted by path. An unreadable failed.json is reported as such; one beside a
+    metrics.json (a later attempt succeeded) is not a failure."""
     failed = []
     for path in sorted(Path(directory).rglob("failed.json")):
+        if (path.parent / "metrics.json").exists():
+            continue
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError) as err:
