@@ -2,7 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_DIR ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
+DEMO ?= demo
+DEMO_DIR ?= outputs/$(DEMO)/$(shell date +%Y%m%d-%H%M%S)
 
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
@@ -17,9 +18,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[test]"
 	@touch $(STAMP)
 
+# DEMO=demo (NSD layout), demo_nod or demo_video: the synthetic dataset in that layout.
 demo: setup
+ifeq ($(DEMO),demo)
 	$(PY) -m datamodules.synthetic --out data/synthetic_nsd --if-missing
-	$(PY) train.py -m experiment=demo backbone=tiny,alexnet head=linear,ridge hydra.sweep.dir=$(DEMO_DIR)
+endif
+	$(PY) train.py -m experiment=$(DEMO) backbone=tiny,alexnet head=linear,ridge hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) analyze.py analysis=summary sweep_dir=$(DEMO_DIR)
 
 test: setup

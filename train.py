@@ -92,6 +92,14 @@ def build_datamodule(cfg: DictConfig):
     return dm
 
 
+def cv_fold_options(cfg: DictConfig, dm) -> dict:
+    """A closed-form head's ``shuffle_folds: null`` resolved by the data: contiguous cross-validation folds
+    for a time series (neighbouring TRs are not independent), shuffled folds otherwise."""
+    if "shuffle_folds" in cfg.head and cfg.head.shuffle_folds is None:
+        return {"shuffle_folds": not getattr(dm, "time_series", False)}
+    return {}
+
+
 def extraction_device(cfg: DictConfig) -> str:
     wants_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu"
     return "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"
@@ -236,7 +244,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     dm = build_datamodule(cfg)
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
     n_features = int(features["train"].shape[1])  # the backbone's width, or fewer after a datamodule's PCA
-    head = instantiate(cfg.head)(n_features=n_features, n_voxels=dm.n_voxels)
+    head = instantiate(cfg.head)(n_features=n_features, n_voxels=dm.n_voxels, **cv_fold_options(cfg, dm))
     model = EncodingModel(head, n_features, dm.n_voxels, backbone=backbone,
                           optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

@@ -287,9 +287,10 @@ def test_frame_signals_are_recovered_through_the_movies(make_cfg, tmp_path):
     root = generate_video(tmp_path / "planted", extra_signal_fn=tiny_signal, **gen)
     overrides = [f"data.{k}={v}" for k, v in {**DM, "train_segments": 5, "n_volumes": 40, "n_cortex": 40,
                                               "frame_stride": 1}.items()]
-    cfg = make_cfg(["data=video", f"data.root={root}", *overrides, "head=ridge", "head.shuffle_folds=false",
+    cfg = make_cfg(["data=video", f"data.root={root}", *overrides, "head=ridge",
                     "trainer=cpu", "logger=none", f"backbone.weights_path={weights}", "backbone.layers=[conv1]"])
     result = train(cfg, tmp_path / "run")
+    assert result.model.head.estimator.shuffle is False  # head.shuffle_folds=null: contiguous folds for TRs
     with h5py.File(ground_truth_path(root)) as f:
         extra = np.flatnonzero(f["subject1/kind"][:].astype(str) == "extra")
     voxels = np.load(result.run_dir / "voxel_metrics.npz")
@@ -300,12 +301,17 @@ def test_frame_signals_are_recovered_through_the_movies(make_cfg, tmp_path):
     assert info["features"]["frame_status"] == {"built": 6} and info["data"]["segments"]["test"] == ["test1"]
 
 
-def test_shuffled_cv_folds_are_refused_for_time_series(make_cfg, video_root):
-    from train import ConfigError, build_datamodule
+def test_shuffled_cv_folds_are_refused_for_time_series(make_cfg, video_root, synthetic_root):
+    from train import ConfigError, build_datamodule, cv_fold_options
 
-    cfg = make_cfg(["data=video", f"data.root={video_root}", *DATA_OVERRIDES, "head=ridge"])
+    cfg = make_cfg(["data=video", f"data.root={video_root}", *DATA_OVERRIDES, "head=ridge", "head.shuffle_folds=true"])
     with pytest.raises(ConfigError, match="set head.shuffle_folds=false"):
         build_datamodule(cfg)
+    cfg = make_cfg(["data=video", f"data.root={video_root}", *DATA_OVERRIDES, "head=ridge"])
+    assert cv_fold_options(cfg, build_datamodule(cfg)) == {"shuffle_folds": False}
+    cfg = make_cfg(["data=synthetic", f"data.root={synthetic_root}", "head=ridge"])
+    assert cv_fold_options(cfg, type("NSDLike", (), {})()) == {"shuffle_folds": True}
+    assert cv_fold_options(make_cfg(["head=ridge", "head.shuffle_folds=false"]), None) == {}
 
 
 # --------------------------------------------------------------------------- bad input
