@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import platform
@@ -75,6 +76,20 @@ OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
 
 
+def shuffle_folds_for(datamodule_target: str) -> bool:
+    """Default of a ridge head's ``shuffle_folds`` for the datamodule class ``datamodule_target``: False
+    (contiguous cross-validation folds) for a time series, whose neighbouring samples are not independent."""
+    module, _, name = str(datamodule_target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return True  # an unknown datamodule fails with its own message when it is instantiated
+    return not getattr(cls, "time_series", False)
+
+
+OmegaConf.register_new_resolver("shuffle_folds_for", shuffle_folds_for, replace=True)
+
+
 def build_datamodule(cfg: DictConfig):
     """Instantiate the datamodule (generating the embedded synthetic dataset first if asked)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -90,14 +105,6 @@ def build_datamodule(cfg: DictConfig):
                           f"across cross-validation folds; set head.shuffle_folds=false")
     dm.setup()
     return dm
-
-
-def cv_fold_options(cfg: DictConfig, dm) -> dict:
-    """A closed-form head's ``shuffle_folds: null`` resolved by the data: contiguous cross-validation folds
-    for a time series (neighbouring TRs are not independent), shuffled folds otherwise."""
-    if "shuffle_folds" in cfg.head and cfg.head.shuffle_folds is None:
-        return {"shuffle_folds": not getattr(dm, "time_series", False)}
-    return {}
 
 
 def extraction_device(cfg: DictConfig) -> str:
@@ -244,7 +251,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     dm = build_datamodule(cfg)
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
     n_features = int(features["train"].shape[1])  # the backbone's width, or fewer after a datamodule's PCA
-    head = instantiate(cfg.head)(n_features=n_features, n_voxels=dm.n_voxels, **cv_fold_options(cfg, dm))
+    head = instantiate(cfg.head)(n_features=n_features, n_voxels=dm.n_voxels)
     model = EncodingModel(head, n_features, dm.n_voxels, backbone=backbone,
                           optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

@@ -290,7 +290,7 @@ def test_frame_signals_are_recovered_through_the_movies(make_cfg, tmp_path):
     cfg = make_cfg(["data=video", f"data.root={root}", *overrides, "head=ridge",
                     "trainer=cpu", "logger=none", f"backbone.weights_path={weights}", "backbone.layers=[conv1]"])
     result = train(cfg, tmp_path / "run")
-    assert result.model.head.estimator.shuffle is False  # head.shuffle_folds=null: contiguous folds for TRs
+    assert result.model.head.estimator.shuffle is False  # the default for a time series: contiguous folds
     with h5py.File(ground_truth_path(root)) as f:
         extra = np.flatnonzero(f["subject1/kind"][:].astype(str) == "extra")
     voxels = np.load(result.run_dir / "voxel_metrics.npz")
@@ -302,16 +302,16 @@ def test_frame_signals_are_recovered_through_the_movies(make_cfg, tmp_path):
 
 
 def test_shuffled_cv_folds_are_refused_for_time_series(make_cfg, video_root, synthetic_root):
-    from train import ConfigError, build_datamodule, cv_fold_options
+    from train import ConfigError, build_datamodule
 
     cfg = make_cfg(["data=video", f"data.root={video_root}", *DATA_OVERRIDES, "head=ridge", "head.shuffle_folds=true"])
     with pytest.raises(ConfigError, match="set head.shuffle_folds=false"):
         build_datamodule(cfg)
-    cfg = make_cfg(["data=video", f"data.root={video_root}", *DATA_OVERRIDES, "head=ridge"])
-    assert cv_fold_options(cfg, build_datamodule(cfg)) == {"shuffle_folds": False}
-    cfg = make_cfg(["data=synthetic", f"data.root={synthetic_root}", "head=ridge"])
-    assert cv_fold_options(cfg, type("NSDLike", (), {})()) == {"shuffle_folds": True}
-    assert cv_fold_options(make_cfg(["head=ridge", "head.shuffle_folds=false"]), None) == {}
+    # by default the ridge's folds follow the data: contiguous for a time series, shuffled otherwise
+    assert make_cfg(["data=video", f"data.root={video_root}", "head=ridge"]).head.shuffle_folds is False
+    assert make_cfg(["experiment=demo_video", "head=ridge"]).head.shuffle_folds is False
+    assert make_cfg(["data=synthetic", f"data.root={synthetic_root}", "head=ridge"]).head.shuffle_folds is True
+    assert make_cfg(["data=nod", "data.root=/x", "head=ridge"]).head.shuffle_folds is True
 
 
 # --------------------------------------------------------------------------- bad input
