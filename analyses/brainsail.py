@@ -39,7 +39,7 @@ from rich.console import Console
 
 from analyses import attribution as attr
 from analyses.outputs import pyplot, write_csv
-from analyses.summary import find_runs
+from analyses.summary import require_runs
 from encoders.distill import FILLS, distill, make_views
 from encoders.run_record import write_json
 
@@ -548,9 +548,7 @@ def run_brainsail(cfg, target: Path) -> None:
     opts = BrainSAILOptions.from_config(OmegaConf.to_container(cfg.analysis, resolve=True))
     console = Console(width=120)
     if cfg.get("sweep_dir"):
-        run_dirs = find_runs(target)
-        if not run_dirs:
-            raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+        run_dirs = require_runs(target)
     else:
         run_dirs = [target]
     done = 0

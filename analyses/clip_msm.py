@@ -53,7 +53,7 @@ from rich.table import Table
 
 from analyses import dissect
 from analyses.outputs import pyplot, write_csv
-from analyses.summary import find_runs
+from analyses.summary import require_runs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PLANTED_PREFIX = "planted:"
@@ -708,9 +708,7 @@ def run_clip_msm(cfg, target: Path) -> None:
     from omegaconf import OmegaConf
 
     opts = Options.from_config(OmegaConf.to_container(cfg.analysis, resolve=True))
-    run_dirs = find_runs(target)
-    if not run_dirs:
-        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    run_dirs = require_runs(target)
     console = Console(width=120)
     results = []
     for d in run_dirs:

@@ -51,7 +51,7 @@ from rich.table import Table
 from analyses import localizer as loc
 from analyses.outputs import pyplot, write_csv
 from analyses.categories import CategoryStats
-from analyses.summary import find_runs
+from analyses.summary import require_runs
 from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
 from encoders.run_record import write_json
 
@@ -785,9 +785,7 @@ def run_localizer(cfg, target: Path) -> None:
     analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
     opts = LocalizerOptions.from_config(analysis, data_dir=str(data_dir))
-    run_dirs = find_runs(target)
-    if not run_dirs:
-        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    run_dirs = require_runs(target)
     console = Console(width=140)
     result = analyse(run_dirs, Path(target) / opts.out_subdir, opts, console)
     console.print(f"wrote {len(result['files'])} files to {result['out_dir']}")

@@ -13,6 +13,14 @@ def find_runs(directory: str | Path) -> list[Path]:
     return sorted(p.parent for p in directory.rglob("metrics.json"))
 
 
+def require_runs(directory: str | Path) -> list[Path]:
+    """``find_runs(directory)``, or FileNotFoundError naming the directory when it holds no run."""
+    runs = find_runs(directory)
+    if not runs:
+        raise FileNotFoundError(f"{directory}: no run directories (with metrics.json) found")
+    return runs
+
+
 def find_failed(directory: str | Path) -> list[dict]:
     """Sweep jobs that failed, at or below ``directory``: the failed.json train.py writes in a failed job's
     directory, {"error": one line, "type": exception class, "overrides": [...], "traceback": text},

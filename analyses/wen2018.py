@@ -50,7 +50,7 @@ from rich.table import Table
 
 from analyses import categories as cat
 from analyses.outputs import write_csv
-from analyses.summary import find_runs
+from analyses.summary import require_runs
 from encoders.run_record import write_json
 
 # analyses.stats and analyses.layers (torch) are imported inside the functions that use them: analyze.py
@@ -671,9 +671,7 @@ def run_wen2018(cfg, target: Path) -> None:
     analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
     data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
     opts = Wen2018Options.from_config(analysis, data_dir=str(data_dir))
-    run_dirs = find_runs(target)
-    if not run_dirs:
-        raise FileNotFoundError(f"{target}: no run directories (with metrics.json) found")
+    run_dirs = require_runs(target)
     console = Console(width=120)
     for d in run_dirs:
         console.rule(str(d))
