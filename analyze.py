@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from analyses.outputs import write_csv
-from analyses.summary import find_failed, find_runs, load_run, summary_rows
+from analyses.summary import summary_rows
+from encoders.run_dir import find_failed, find_runs
 from encoders.weights import WeightsError
 
 
@@ -45,7 +46,7 @@ def print_failed(console: Console, failed: list[dict], target: Path) -> None:
 
 
 def run_summary(cfg: DictConfig, target: Path) -> None:
-    runs = [load_run(d) for d in find_runs(target)]
+    runs = find_runs(target)
     failed = find_failed(target)
     if not runs:
         if failed:

@@ -42,7 +42,8 @@ from encoders.extract import extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
 from encoders.model import EncodingModel  # noqa: E402
-from encoders.run_record import git_commit, package_versions, write_json, write_voxel_metrics  # noqa: E402
+from encoders.run_dir import CONFIG, LAST_CHECKPOINT, RunDir  # noqa: E402
+from encoders.run_record import git_commit, package_versions  # noqa: E402
 from encoders.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("brainprobe.train")
@@ -182,9 +183,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
+def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
               started: float, feature_info: dict) -> dict:
-    """Write metrics.json, voxel_metrics.npz, split.json, run.json, head.pt, predictions."""
+    """Write the run's files through ``run`` (metrics, per-voxel scores, split, predictions, head, run.json)."""
     per_split, metrics, predictions = {}, {}, {}
     for split in ("val", "test"):
         with backbone_autocast(cfg, model.device):  # as in the trainer's loops (only the backbone autocasts)
@@ -197,27 +198,23 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
         metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
         predictions[split] = pred
-    write_json(run_dir / "metrics.json", metrics)
-    write_voxel_metrics(run_dir / "voxel_metrics.npz", per_split, dm.data.voxel_xyz, dm.rois)
-    write_json(run_dir / "split.json", {"seed": int(cfg.seed), "subject": dm.subject, "id_base": 0,
-                                        **{s: ids for s, ids in dm.split_ids.items()}})
+    run.write_metrics(metrics)
+    run.write_voxel_metrics(per_split, dm.data.voxel_xyz, dm.rois)
+    run.write_split(cfg.seed, dm.subject, dm.split_ids)
     if cfg.get("save_predictions", True):
-        np.savez_compressed(run_dir / "predictions.npz",
-                            **{f"{s}_pred": p.astype(np.float32) for s, p in predictions.items()},
-                            **{f"{s}_true": dm.targets(s) for s in predictions},
-                            **{f"{s}_ids": dm.split_ids[s] for s in predictions})
-    torch.save({"head": model.head.state_dict(), "feature_mean": model.feature_mean.cpu(),
-                "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
-                "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers},
-               run_dir / "head.pt")
+        run.write_predictions(predictions, {s: dm.targets(s) for s in predictions},
+                              {s: dm.split_ids[s] for s in predictions})
+    run.write_head({"head": model.head.state_dict(), "feature_mean": model.feature_mean.cpu(),
+                    "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
+                    "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers})
     if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
         est = model.head.estimator
-        np.savez_compressed(run_dir / "ridge_cv.npz", alphas=est.alphas, best_alphas=est.best_alphas_,
-                            cv_scores=est.cv_scores_.astype(np.float32))
+        run.write_ridge_cv(est.alphas, est.best_alphas_, est.cv_scores_)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    write_json(run_dir / "run.json", {
+    run.write_info({
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
         "head": choices.get("head", type(model.head).__name__), "data": dm.describe(), "features": feature_info,
+        "time_series": bool(getattr(dm, "time_series", False)),
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
         "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
@@ -240,9 +237,9 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     started = time.time()
     writer = rank_zero_only.rank == 0  # under DDP only global rank 0 writes the run directory
     resume_from = resume_checkpoint(cfg, run_dir)  # before config.yaml is rewritten: it is compared
+    run = RunDir(run_dir)
     if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
@@ -263,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
         head.fit(model.features(features["train"]), dm.targets("train"))
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run.file(LAST_CHECKPOINT))
     else:
         if resume_from and writer:
             keep_earlier_logs(trainer)
@@ -272,8 +269,8 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
         trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
     if not trainer.is_global_zero:
         return TrainResult(None, model, dm, run_dir)
-    metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started, feature_info)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failed attempt in this directory
+    metrics = write_run(run, cfg, dm, model.cpu(), features, backbone, started, feature_info)
+    run.clear_failure()  # an earlier failed attempt in this directory
     log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
              metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
     run_analysis_jobs(cfg, run_dir)
@@ -323,12 +320,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     the last completed epoch. The earlier attempt must have had the same config (its config.yaml;
     logger, resume and analyze aside): continuing another model's checkpoint would be silently wrong.
     """
-    last = run_dir / "checkpoints" / "last.ckpt"
+    run = RunDir(run_dir)
+    last = run.file(LAST_CHECKPOINT)
     if not cfg.get("resume", True) or not last.exists():
         return None
-    previous = run_dir / "config.yaml"
-    if previous.exists():
-        old = OmegaConf.to_container(OmegaConf.load(previous))
+    if run.file(CONFIG).exists():
+        old = OmegaConf.to_container(OmegaConf.load(run.file(CONFIG)))
         new = OmegaConf.to_container(cfg, resolve=True)
         for key in RESUME_IGNORED_KEYS:
             old.pop(key, None), new.pop(key, None)
@@ -385,18 +382,12 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-# A failed sweep job leaves this file in its directory: {"error": one line, "type": exception class,
-# "overrides": the job's overrides, "traceback": text}. analyze.py analysis=summary lists them.
-FAILED_FILE = "failed.json"
-
-
 def record_failure(run_dir: Path, err: BaseException, overrides: list[str]) -> None:
     """Write failed.json (global rank 0 only) and log the failure."""
     log.error("job failed (%s): %s: %s", " ".join(overrides), type(err).__name__, err)
     if rank_zero_only.rank != 0:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / FAILED_FILE, {
+    RunDir(run_dir).write_failure({
         "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
         "type": type(err).__name__, "overrides": overrides,
         "traceback": "".join(traceback.format_exception(err))})

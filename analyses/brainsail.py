@@ -26,7 +26,6 @@ patch when the run normalised its embeddings, and the run's head is applied to e
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -39,8 +38,8 @@ from rich.console import Console
 
 from analyses import attribution as attr
 from analyses.outputs import pyplot, write_csv
-from analyses.summary import require_runs
 from encoders.distill import FILLS, distill, make_views
+from encoders.run_dir import INFO, SPLIT, RunDir, require_runs
 from encoders.run_record import write_json
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ class ImageSource:
         return img[..., :3].astype(np.uint8)
 
 
-def image_source(run_dir: Path, info: dict, opts: BrainSAILOptions) -> ImageSource:
+def image_source(run: RunDir, opts: BrainSAILOptions) -> ImageSource:
     """``image_dir`` files (sorted), else the run's ``split`` ids read from its NSD-layout stimulus file."""
     if opts.image_dir:
         from PIL import Image
@@ -159,17 +158,12 @@ def image_source(run_dir: Path, info: dict, opts: BrainSAILOptions) -> ImageSour
             raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
         files = files[:opts.max_images] if opts.max_images else files
         return ImageSource([p.name for p in files], lambda name: np.asarray(Image.open(folder / name).convert("RGB")))
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: not found (or give analysis.image_dir=<folder of images>)")
-    split = json.loads(split_file.read_text())
-    if opts.split not in split:
-        raise ValueError(f"{split_file}: no split '{opts.split}'")
-    ids = np.asarray(split[opts.split], dtype=np.int64) - int(split.get("id_base", 0))
+    run.require(SPLIT, "or give analysis.image_dir=<folder of images>")
+    ids = run.split_ids(opts.split)
     ids = ids[:opts.max_images] if opts.max_images else ids
-    data = info.get("data", {})
+    data = run.data
     if data.get("root") is None or data.get("subject") is None:
-        raise ValueError(f"{run_dir / 'run.json'}: no data.root / data.subject to read images from "
+        raise ValueError(f"{run.file(INFO)}: no data.root / data.subject to read images from "
                          f"(give analysis.image_dir=<folder of images>)")
     from datamodules.errors import DataError
     from datamodules.nsd_files import NSDPaths, StimulusBrick
@@ -253,33 +247,18 @@ class EncoderMaps:
         return distill(self.dense, x, views, self.dense.patch_size, opts.view_batch, opts.fill, self.normalize)
 
 
-def read_rois(run_dir: Path, rois: Sequence[str] | None) -> dict[str, np.ndarray]:
-    path = run_dir / "voxel_metrics.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (is {run_dir} a run directory?)")
-    with np.load(path) as f:
-        masks = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    if rois:
-        unknown = [r for r in rois if r not in masks]
-        if unknown:
-            raise ValueError(f"{path}: no ROI {unknown} (has {sorted(masks)})")
-        masks = {r: masks[r] for r in rois}
-    return masks
-
-
-def build_encoder(run_dir: Path, opts: BrainSAILOptions, columns: Sequence[str] | None = None) -> EncoderMaps:
+def build_encoder(run: RunDir, opts: BrainSAILOptions, columns: Sequence[str] | None = None) -> EncoderMaps:
     """Load a run, check it maps (embedding run, ViT), and set up its dense features and readout.
 
     columns: the primary run's column names (compared runs keep those they also have, in that order).
     """
     from encoders.dense import dense_features
-    from encoders.trained import load_trained
 
-    enc = load_trained(run_dir, device=opts.device)
+    enc = run.encoder(device=opts.device)
     attr.check_embedding_run(enc)
     dense = dense_features(enc.backbone, None if opts.method == "auto" else opts.method, opts.sigma,
                            opts.image_size)
-    masks = read_rois(run_dir, opts.rois if columns is None else None)
+    masks = run.rois(opts.rois if columns is None else None)
     if columns is None:
         names, A = attr.roi_columns(masks, opts.voxels)
     else:
@@ -289,8 +268,8 @@ def build_encoder(run_dir: Path, opts: BrainSAILOptions, columns: Sequence[str] 
         names_order = [c for c in columns if c in names]
         A = A[:, [names.index(c) for c in names_order]]
         names = names_order
-    label = f"{enc.backbone.spec.name}:{run_dir.name}"
-    return EncoderMaps(label, run_dir, enc, dense, attr.Readout(enc, A), names, bool(enc.backbone.normalize))
+    label = f"{enc.backbone.spec.name}:{run.path.name}"
+    return EncoderMaps(label, run.path, enc, dense, attr.Readout(enc, A), names, bool(enc.backbone.normalize))
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -301,19 +280,20 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
     opts = opts or BrainSAILOptions()
     opts.check()
     console = console or Console(width=120)
-    run_dir = Path(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = run.path
     notes: list[str] = []
-    primary = build_encoder(run_dir, opts)
+    primary = build_encoder(run, opts)
     encoders = [primary]
     for other in opts.compare_runs:
-        enc = build_encoder(Path(other), opts, primary.columns)
+        enc = build_encoder(RunDir(other), opts, primary.columns)
         if enc.label in {e.label for e in encoders}:
             enc.label = f"{enc.label}#{len(encoders) + 1}"
         missing = [c for c in primary.columns if c not in enc.columns]
         if missing:
             notes.append(f"{other}: no columns {missing}; they are not compared")
         encoders.append(enc)
-    source = image_source(run_dir, primary.encoder.info, opts)
+    source = image_source(run, opts)
     if len(source) < 1:
         raise ValueError(f"{run_dir}: no images to analyse")
     if opts.depth:

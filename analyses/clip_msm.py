@@ -53,7 +53,7 @@ from rich.table import Table
 
 from analyses import dissect
 from analyses.outputs import pyplot, write_csv
-from analyses.summary import require_runs
+from encoders.run_dir import RunDir, require_runs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PLANTED_PREFIX = "planted:"
@@ -144,6 +144,7 @@ def load_concepts(cfg: dict) -> tuple[list[str], dict[str, list[str]], dict[str,
 class RunEncoder:
     """What CLIP-MSM needs from a run: its TrainedEncoder, W_raw (n_voxels, d), voxels and ROIs."""
 
+    run: RunDir
     enc: object
     weights: np.ndarray
     voxel_xyz: np.ndarray
@@ -152,30 +153,20 @@ class RunEncoder:
     info: dict
 
 
-def load_run_encoder(run_dir: Path, device: str = "cpu") -> RunEncoder:
+def load_run_encoder(run_dir: RunDir | Path, device: str = "cpu") -> RunEncoder:
     """The run's encoder and its head weights on the raw CLIP image embedding; ValueError when the run is
     not a linear head on the ``embed`` layer alone."""
-    from encoders.trained import load_trained
-
-    enc = load_trained(run_dir, device=device)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    enc = run.encoder(device=device)
     if not enc.takes_backbone_features or enc.layers != ["embed"]:
-        raise ValueError(f"{run_dir}: CLIP-MSM needs a head on the CLIP image embedding alone "
+        raise ValueError(f"{run.path}: CLIP-MSM needs a head on the CLIP image embedding alone "
                          f"(backbone.layers=[embed]); this run reads {enc.layers}")
     weight = getattr(enc.model.head, "weight", None)
     if weight is None or tuple(weight.shape) != (enc.n_voxels, enc.n_features):
-        raise ValueError(f"{run_dir}: CLIP-MSM needs a linear head (head=ridge or head=linear) with weights "
+        raise ValueError(f"{run.path}: CLIP-MSM needs a linear head (head=ridge or head=linear) with weights "
                          f"(n_voxels, n_features); {type(enc.model.head).__name__} has none")
     w_raw = dissect.raw_space_weights(weight.detach().cpu().numpy(), enc.model.feature_std.cpu().numpy())
-    metrics_file = run_dir / "voxel_metrics.npz"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: not found")
-    with np.load(metrics_file) as f:
-        xyz = f["voxel_xyz"]
-        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: not found")
-    return RunEncoder(enc, w_raw, xyz, rois, json.loads(split_file.read_text()), enc.info)
+    return RunEncoder(run, enc, w_raw, run.voxel_xyz, run.rois(), run.split, run.info)
 
 
 def concept_embeddings(run: RunEncoder, opts: Options) -> tuple[np.ndarray, str]:
@@ -451,10 +442,11 @@ def roi_label_rows(labels: np.ndarray, rois: dict[str, np.ndarray], opts: Option
     return rows
 
 
-def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
+def analyse_run(run_dir: RunDir | Path, opts: Options, console: Console) -> dict:
     """Everything for one run; returns the figures the sweep step needs. Nothing is written until all is
     computed."""
     run = load_run_encoder(run_dir, opts.device)
+    run_dir = run.run.path
     T, t_source = concept_embeddings(run, opts)
     probe = probe_images(run, opts)
     acts = dissect.LinearActivations(probe.features.astype(np.float32), run.weights.astype(np.float32))
@@ -558,27 +550,15 @@ def top_images_per_roi(acts, labels: np.ndarray, rois: dict[str, np.ndarray], la
 # ----------------------------------------------------------------------------- training-size curve
 
 
-def rebuild_datamodule(config: dict, run_dir: Path):
-    """The run's datamodule from config.yaml's ``data`` section (set up), for its training targets."""
-    from hydra.utils import instantiate
-
-    data = {k: v for k, v in (config.get("data") or {}).items() if k not in ("synthetic", "generator")}
-    if "_target_" not in data:
-        raise ValueError(f"{run_dir / 'config.yaml'}: no data section with a _target_")
-    root = data.get("root")
-    if root is not None and not Path(root).exists():
-        raise FileNotFoundError(f"{root}: the run's data root is gone (needed for the training-size curve)")
-    dm = instantiate(data)
-    dm.setup()
-    return dm
-
-
 def training_curve(run: RunEncoder, opts: Options) -> dict:
     """Ridge refits on nested subsets of the run's training images, scored on its test images."""
     from analyses.training_curve import resolve_sizes, training_size_curve
 
-    enc, run_dir = run.enc, run.enc.run_dir
-    dm = rebuild_datamodule(enc.config, run_dir)
+    enc, run_dir = run.enc, run.run.path
+    try:
+        dm = run.run.datamodule()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (needed for the training-size curve)") from None
     train_ids, test_ids = np.asarray(dm.split_ids["train"]), np.asarray(dm.split_ids["test"])
     if not (np.array_equal(train_ids, np.asarray(run.split["train"]))
             and np.array_equal(test_ids, np.asarray(run.split["test"]))):

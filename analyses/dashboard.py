@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from analyses.report import progress_bar
 
 ROI_COLUMNS = ("r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan")
@@ -26,12 +25,6 @@ def wandb_mode() -> str:
     if mode:
         return "offline" if mode == "dryrun" else mode
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-
-
-def run_config(run_dir: Path) -> dict:
-    """The run's composed config (config.yaml), {} if absent."""
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
 def run_group(config: dict, default: str) -> str:
@@ -103,11 +96,11 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
     with progress_bar(progress) as bar:
         task = bar.add_task("W&B: runs", total=len(report.runs) + 1)
         for run in report.runs:
-            config = run_config(run.dir)
+            config = run.config
             wb = wandb.init(project=project, dir=str(base), mode=mode, group=run_group(config, default_group),
                             name=run.name, tags=run_tags(run.info), job_type="summary", reinit="create_new",
                             config={"config": config, "run": {k: v for k, v in run.info.items() if k != "versions"},
-                                    "run_dir": str(run.dir)}, settings=settings)
+                                    "run_dir": str(run.path)}, settings=settings)
             wb.summary.update(flat_summary(run.metrics))
             table_columns, rows = roi_table_rows(run.metrics, {report.split: report.roi_stats.get(run.name, {})})
             wb.log({"roi_results": wandb.Table(columns=table_columns, data=rows)})

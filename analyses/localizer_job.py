@@ -40,19 +40,19 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from analyses import localizer as loc
 from analyses.outputs import pyplot, write_csv
 from analyses.categories import CategoryStats
-from analyses.summary import require_runs
 from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
+from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json
 
 
@@ -171,15 +171,34 @@ def localizer_sets(opts: LocalizerOptions, runs: list["Run"]) -> list[LocalizerS
 class Run:
     """What the analysis reads from a run directory."""
 
-    dir: Path
-    config: dict
-    info: dict
-    split: dict
-    voxel_xyz: np.ndarray
-    rois: dict[str, np.ndarray]
+    run: RunDir
     test_ids: np.ndarray
     test_true: np.ndarray
     localizer_key: str = ""     # which localized backbone its units come from (set by analyse)
+
+    @property
+    def dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def config(self) -> dict:
+        return self.run.config
+
+    @property
+    def info(self) -> dict:
+        return self.run.info
+
+    @property
+    def split(self) -> dict:
+        return self.run.split
+
+    @property
+    def voxel_xyz(self) -> np.ndarray:
+        return self.run.voxel_xyz
+
+    @cached_property
+    def rois(self) -> dict[str, np.ndarray]:
+        return self.run.rois()
 
     @property
     def data(self) -> dict:
@@ -194,24 +213,14 @@ class Run:
         return f"{self.info.get('backbone', '?')} sub{self.data.get('subject', '?')} ({self.dir.name})"
 
 
-def read_run(run_dir: Path) -> Run:
-    """config.yaml, run.json, split.json, voxel_metrics.npz and predictions.npz of a run; errors name the file."""
+def read_run(run_dir: RunDir | Path) -> Run:
+    """A run's config, run.json, split, voxels and test predictions; errors name the missing file."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     for name in ("config.yaml", "run.json", "split.json", "voxel_metrics.npz", "predictions.npz"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: not found (is {run_dir} a run directory?)")
-    with np.load(run_dir / "voxel_metrics.npz") as f:
-        if "voxel_xyz" not in f.files:
-            raise ValueError(f"{run_dir / 'voxel_metrics.npz'}: no 'voxel_xyz'")
-        xyz = f["voxel_xyz"]
-        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    with np.load(run_dir / "predictions.npz") as f:
-        missing = [k for k in ("test_ids", "test_true") if k not in f.files]
-        if missing:
-            raise ValueError(f"{run_dir / 'predictions.npz'}: no {missing}")
-        ids, true = f["test_ids"], f["test_true"]
-    return Run(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
-               json.loads((run_dir / "run.json").read_text()), json.loads((run_dir / "split.json").read_text()),
-               xyz, rois, ids.astype(np.int64), true)
+        run.require(name)
+    run.voxel_xyz  # noqa: B018  (a file without voxel_xyz fails here)
+    preds = run.predictions("test")
+    return Run(run, preds.ids.astype(np.int64), preds.true)
 
 
 def is_nsd_layout(run: Run) -> bool:
@@ -391,7 +400,7 @@ def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | No
             console: Console | None = None) -> dict:
     """Every part of the analysis over these runs; writes ``out_dir`` and returns the tables as records."""
     from encoders.backbones import FrozenBackbone
-    from encoders.trained import load_trained, rebuild_backbone
+    from encoders.trained import rebuild_backbone
 
     opts = opts or LocalizerOptions()
     console = console or Console(quiet=True)
@@ -412,7 +421,7 @@ def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | No
     encoders, masks, tmaps_units, count_rows, overlap_rows = {}, {}, {}, [], []
     localized: dict[str, dict] = {}
     for run in runs:
-        enc = load_trained(run.dir, device=opts.device)
+        enc = run.run.encoder(device=opts.device)
         if not enc.takes_backbone_features:
             raise ValueError(f"{run.dir}: its head reads datamodule-transformed features (e.g. video PCA + HRF), "
                              f"not a backbone layer's units")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import stats
 
-from analyses.summary import find_failed, find_runs, load_run
+from encoders.run_dir import RunDir, find_failed, find_runs
 
 METRICS = ("nc_r2", "r", "r2")
 METRIC_LABELS = {"nc_r2": "noise-normalised R² (R²/NC)", "r": "Pearson r", "r2": "R²"}
@@ -33,75 +33,18 @@ TESTS = ("ttest_rel", "wilcoxon")
 ALL_VOXELS = "all voxels"
 
 
-@dataclass
-class RunRecord:
-    """One finished run: its directory, metrics.json, run.json, and (lazily) voxel_metrics.npz."""
-
-    dir: Path
-    metrics: dict
-    info: dict
-    name: str = ""
-    _voxels: dict | None = field(default=None, repr=False)
-
-    @property
-    def backbone(self) -> str:
-        return str(self.info.get("backbone", "?"))
-
-    @property
-    def head(self) -> str:
-        return str(self.info.get("head", "?"))
-
-    @property
-    def dataset(self) -> str:
-        return str(self.info.get("data", {}).get("dataset", "?"))
-
-    @property
-    def subject(self) -> str:
-        return str(self.info.get("data", {}).get("subject", "?"))
-
-    @property
-    def group(self) -> tuple[str, str, str]:
-        """The comparison group: (head, dataset, subject)."""
-        return self.head, self.dataset, self.subject
-
-    @property
-    def label(self) -> str:
-        return self.backbone
-
-    def voxels(self) -> dict[str, np.ndarray]:
-        """voxel_metrics.npz as a dict of arrays (read once)."""
-        if self._voxels is None:
-            path = self.dir / "voxel_metrics.npz"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: missing (every run directory has one)")
-            with np.load(path) as npz:
-                self._voxels = {k: npz[k] for k in npz.files}
-        return self._voxels
-
-    def voxel_values(self, split: str, metric: str) -> np.ndarray:
-        key = f"{split}_{metric}"
-        vox = self.voxels()
-        if key not in vox:
-            raise ValueError(f"{self.dir / 'voxel_metrics.npz'}: no key '{key}' (has {', '.join(sorted(vox))})")
-        return vox[key].astype(np.float64)
-
-    def roi_masks(self) -> dict[str, np.ndarray]:
-        return {k.removeprefix("roi_"): v.astype(bool) for k, v in self.voxels().items() if k.startswith("roi_")}
-
-
-def load_runs(directory: str | Path) -> list[RunRecord]:
+def load_runs(directory: str | Path) -> list[RunDir]:
     """Every run at or below ``directory``, named by its path relative to ``directory``."""
-    directory = Path(directory)
-    runs = []
-    for run_dir in find_runs(directory):
-        loaded = load_run(run_dir)
-        name = str(run_dir.relative_to(directory)) if run_dir != directory else run_dir.name
-        runs.append(RunRecord(run_dir, loaded["metrics"], loaded["run"], name=name))
-    return runs
+    return find_runs(directory)
+
+
+def comparison_group(run: RunDir) -> tuple[str, str, str]:
+    """The comparison group of a run: (head, dataset, subject)."""
+    return run.head, run.dataset, str(run.subject)
 
 
 def failed_jobs(directory: str | Path) -> list[dict]:
-    """Sweep jobs that failed (``summary.find_failed``), as {"name", "dir", "error", "type", "overrides",
+    """Sweep jobs that failed (``find_failed``), as {"name", "dir", "error", "type", "overrides",
     "traceback"} with ``name`` relative to ``directory``."""
     directory = Path(directory)
     return [{"name": str(job["dir"].relative_to(directory)), "dir": job["dir"],
@@ -163,26 +106,26 @@ def paired_test(a: np.ndarray, b: np.ndarray, test: str = "ttest_rel") -> dict:
     return out
 
 
-def comparison_groups(runs: Sequence[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:
+def comparison_groups(runs: Sequence[RunDir]) -> dict[tuple[str, str, str], list[RunDir]]:
     """Runs by (head, dataset, subject), in first-seen order."""
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
+    groups: dict[tuple[str, str, str], list[RunDir]] = {}
     for run in runs:
-        groups.setdefault(run.group, []).append(run)
+        groups.setdefault(comparison_group(run), []).append(run)
     return groups
 
 
-def backbone_pairs(group: Sequence[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
+def backbone_pairs(group: Sequence[RunDir]) -> list[tuple[RunDir, RunDir]]:
     """Every two runs of a comparison group whose backbones differ, in run order."""
     return [(a, b) for a, b in combinations(group, 2) if a.backbone != b.backbone]
 
 
-def pair_tests(run_a: RunRecord, run_b: RunRecord, split: str, metric: str, rois: Sequence[str],
+def pair_tests(run_a: RunDir, run_b: RunDir, split: str, metric: str, rois: Sequence[str],
                test: str = "ttest_rel") -> list[dict]:
     """Per-ROI paired tests of run_a vs run_b (ALL_VOXELS first) with Benjamini–Hochberg q over
     the ROIs of this pair (scipy.stats.false_discovery_control). ROI masks are run_a's."""
-    ia, ib = common_voxels(run_a.voxels()["voxel_xyz"], run_b.voxels()["voxel_xyz"])
-    a, b = run_a.voxel_values(split, metric)[ia], run_b.voxel_values(split, metric)[ib]
-    masks = run_a.roi_masks()
+    ia, ib = common_voxels(run_a.voxel_xyz, run_b.voxel_xyz)
+    a, b = run_a.voxels().values(split, metric)[ia], run_b.voxels().values(split, metric)[ib]
+    masks = run_a.rois()
     rows = []
     for name in [ALL_VOXELS, *rois]:
         if name != ALL_VOXELS and name not in masks:
@@ -199,13 +142,13 @@ def pair_tests(run_a: RunRecord, run_b: RunRecord, split: str, metric: str, rois
     return rows
 
 
-def learning_curve(run_dir: Path) -> dict[str, np.ndarray] | None:
+def learning_curve(run: RunDir | Path) -> dict[str, np.ndarray] | None:
     """Per-epoch curves from the run's Lightning CSV log (csv/metrics.csv), or None without one.
 
     Returns {"epoch": (e,), "train/loss": (e,), "val/loss": (e,), "val/r_mean": (e,)}, NaN where an
     epoch did not log a key. Closed-form heads log one validation row (a single "epoch").
     """
-    path = run_dir / "csv" / "metrics.csv"
+    path = (run if isinstance(run, RunDir) else RunDir(run)).csv_log
     if not path.exists():
         return None
     keys = ("train/loss", "val/loss", "val/r_mean")
@@ -234,7 +177,7 @@ class Report:
     html: Path
     directory: Path                # the sweep (or run) directory reported on
     out_dir: Path
-    runs: list[RunRecord]
+    runs: list[RunDir]
     failed: list[dict]
     figures: list[dict]            # {"path", "title", "caption", "section"}
     roi_stats: dict[str, dict]     # run name -> ROI -> (mean, SE, n)
@@ -251,7 +194,7 @@ def progress_bar(enabled: bool = True) -> Progress:
     return Progress(*columns, console=console, transient=True, disable=not enabled or not console.is_terminal)
 
 
-def report_rois(runs: Sequence[RunRecord], split: str, rois: Sequence[str] | None) -> list[str]:
+def report_rois(runs: Sequence[RunDir], split: str, rois: Sequence[str] | None) -> list[str]:
     """The ROIs to report: the given list, or every ROI any run's metrics.json lists (first-seen order)."""
     if rois:
         return list(rois)
@@ -261,7 +204,7 @@ def report_rois(runs: Sequence[RunRecord], split: str, rois: Sequence[str] | Non
     return names
 
 
-def choose_scatter_pair(group: Sequence[RunRecord], backbones: Sequence[str] | None) -> tuple[RunRecord, RunRecord] | None:
+def choose_scatter_pair(group: Sequence[RunDir], backbones: Sequence[str] | None) -> tuple[RunDir, RunDir] | None:
     """The pair to scatter in a group: the runs of ``backbones`` [x, y] if both are there, else the
     first two runs with different backbones; None when the group has a single backbone."""
     if backbones:
@@ -327,8 +270,8 @@ def build_report(directory: str | Path, out_dir: str | Path | None = None, split
     with progress_bar(progress) as bar:
         task = bar.add_task("report: runs", total=len(runs))
         for run in runs:
-            roi_stats[run.name] = roi_mean_se(run.voxel_values(split, metric),
-                                              {n: m for n, m in run.roi_masks().items() if n in roi_names})
+            roi_stats[run.name] = roi_mean_se(run.voxels().values(split, metric),
+                                              {n: m for n, m in run.rois().items() if n in roi_names})
             bar.advance(task)
         task = bar.add_task("report: paired tests", total=len(pairs))
         for group, a, b in pairs:
@@ -338,7 +281,7 @@ def build_report(directory: str | Path, out_dir: str | Path | None = None, split
         for group, members in groups.items():
             path = out_dir / f"roi_{metric}_{_slug(*group)}.png"
             report_figures.roi_bar_chart(
-                [run.label if sum(r.backbone == run.backbone for r in members) == 1 else f"{run.label} ({run.name})"
+                [run.backbone if sum(r.backbone == run.backbone for r in members) == 1 else f"{run.backbone} ({run.name})"
                  for run in members],
                 [ALL_VOXELS] + [n for n in roi_names if any(n in roi_stats[r.name] for r in members)],
                 [roi_stats[run.name] for run in members], METRIC_LABELS[metric],
@@ -350,19 +293,19 @@ def build_report(directory: str | Path, out_dir: str | Path | None = None, split
             pair = choose_scatter_pair(members, scatter)
             if pair is not None:
                 a, b = pair
-                ia, ib = common_voxels(a.voxels()["voxel_xyz"], b.voxels()["voxel_xyz"])
+                ia, ib = common_voxels(a.voxel_xyz, b.voxel_xyz)
                 nc_key = f"{split}_nc"
                 nc = a.voxels()[nc_key][ia] if nc_key in a.voxels() else None
                 path = out_dir / f"scatter_{metric}_{_slug(a.backbone, 'vs', b.backbone, *group)}.png"
                 report_figures.voxel_scatter(
-                    a.voxel_values(split, metric)[ia], b.voxel_values(split, metric)[ib], nc,
-                    f"{a.label} ({a.name})", f"{b.label} ({b.name})", METRIC_LABELS[metric],
+                    a.voxels().values(split, metric)[ia], b.voxels().values(split, metric)[ib], nc,
+                    f"{a.backbone} ({a.name})", f"{b.backbone} ({b.name})", METRIC_LABELS[metric],
                     f"{a.backbone} vs {b.backbone} — {group_title(group)}", path)
                 figures.append({"path": path, "section": "scatter", "title": f"{a.backbone} vs {b.backbone} — {group_title(group)}",
                                 "caption": f"One point per voxel ({len(ia)} voxels both runs scored), {split} "
                                            f"{METRIC_LABELS[metric]}; colour: noise ceiling; dashed line: equal accuracy."})
             bar.advance(task)
-        logged = {run.name: learning_curve(run.dir) for run in runs}
+        logged = {run.name: learning_curve(run) for run in runs}
         curves = {name: c for name, c in logged.items() if c is not None and len(c["epoch"]) > 1}
         if curves:
             path = out_dir / "learning_curves.png"

@@ -50,7 +50,7 @@ from rich.table import Table
 
 from analyses import categories as cat
 from analyses.outputs import write_csv
-from analyses.summary import require_runs
+from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json
 
 # analyses.stats and analyses.layers (torch) are imported inside the functions that use them: analyze.py
@@ -125,8 +125,7 @@ class Wen2018Options:
 class RunData:
     """What the analysis reads from a run directory (arrays for ``split``)."""
 
-    dir: Path
-    info: dict
+    run: RunDir
     pred: np.ndarray
     true: np.ndarray
     ids: np.ndarray
@@ -134,33 +133,25 @@ class RunData:
     nc: np.ndarray | None
 
     @property
+    def dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def info(self) -> dict:
+        return self.run.info
+
+    @property
     def is_time_series(self) -> bool:
-        """Video-style runs (samples are TRs): their data description has an HRF."""
-        return "hrf" in self.info.get("data", {})
+        """Video-style runs (samples are TRs), as the run's datamodule recorded it."""
+        return self.run.is_time_series
 
 
-def read_run(run_dir: Path, split: str = "test", rois: Sequence[str] | None = None) -> RunData:
-    """predictions.npz, voxel_metrics.npz and run.json of one run; errors name the missing file or key."""
-    files = {name: run_dir / name for name in ("predictions.npz", "voxel_metrics.npz")}
-    for name, path in files.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (the run must be written with save_predictions=true)")
-    with np.load(files["predictions.npz"]) as f:
-        missing = [k for k in (f"{split}_pred", f"{split}_true", f"{split}_ids") if k not in f]
-        if missing:
-            raise ValueError(f"{files['predictions.npz']}: no {missing} (split '{split}')")
-        pred, true, ids = f[f"{split}_pred"], f[f"{split}_true"], f[f"{split}_ids"]
-    with np.load(files["voxel_metrics.npz"]) as f:
-        all_rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-        nc = f[f"{split}_nc"].astype(np.float64) if f"{split}_nc" in f.files else None
-    if rois:
-        unknown = [r for r in rois if r not in all_rois]
-        if unknown:
-            raise ValueError(f"{files['voxel_metrics.npz']}: no ROI {unknown} (has {sorted(all_rois)})")
-        all_rois = {r: all_rois[r] for r in rois}
-    info_file = run_dir / "run.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return RunData(run_dir, info, pred, true, ids, all_rois, nc)
+def read_run(run: RunDir | Path, split: str = "test", rois: Sequence[str] | None = None) -> RunData:
+    """The split's predictions, ROIs and noise ceiling of one run; errors name the missing file or key."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    preds = run.predictions(split)
+    voxels = run.voxels()
+    return RunData(run, preds.pred, preds.true, preds.ids, voxels.rois(rois), voxels.get(split, "nc"))
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -526,7 +517,7 @@ def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console
     """
     opts = opts or Wen2018Options()
     console = console or Console(quiet=True)
-    run_dir = Path(run_dir)
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     # every input is read and checked before anything is written
     run = read_run(run_dir, opts.split, opts.rois)
     notes: list[str] = []
@@ -534,10 +525,10 @@ def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console
     image_dir = resolve_image_dir(run, opts) if enc is not None else None
     images = image_folder(image_dir) if image_dir is not None else None
     semantic = semantic_matrix(enc, images[2], opts) if images is not None else None
-    out = run_dir / opts.out_subdir
+    out = run_dir.path / opts.out_subdir
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run_dir.name}"
+    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run_dir.path.name}"
 
     acc = accuracy(run, opts)
     files.append(write_csv(out / "accuracy.csv", acc["header"], acc["rows"]))
@@ -596,12 +587,10 @@ def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console
     return result
 
 
-def _load_encoder(run_dir: Path, opts: Wen2018Options, notes: list[str]):
+def _load_encoder(run: RunDir, opts: Wen2018Options, notes: list[str]):
     """The run's TrainedEncoder for image-based analyses, or None (with a note) when it predicts from
     datamodule-transformed features only."""
-    from encoders.trained import load_trained
-
-    enc = load_trained(run_dir, device=opts.device)
+    enc = run.encoder(device=opts.device)
     if not enc.takes_backbone_features:
         notes.append("best layer and virtual fMRI: the run's head reads datamodule-transformed features "
                      "(e.g. video PCA + HRF), not image features")
@@ -621,12 +610,12 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
     from analyses import layers as lay
     from encoders.backbones import REGISTRY
 
-    groups: dict[tuple, list[tuple[str, Path]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[str, RunDir]]] = defaultdict(list)
     for d in run_dirs:
-        info_file = d / "run.json"
-        if not info_file.is_file():
+        d = d if isinstance(d, RunDir) else RunDir(d)
+        if not d.info:
             continue
-        info = json.loads(info_file.read_text())
+        info = d.info
         layers = info.get("layers") or []
         data = info.get("data", {})
         if len(layers) == 1:
@@ -640,15 +629,12 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
         members = sorted(members, key=lambda m: order.index(m[0]) if m[0] in order else len(order))
         scores, xyz, rois = [], None, None
         for layer, d in members:
-            with np.load(d / "voxel_metrics.npz") as f:
-                if f"{split}_r" not in f.files:
-                    raise ValueError(f"{d / 'voxel_metrics.npz'}: no '{split}_r'")
-                if xyz is None:
-                    xyz = f["voxel_xyz"]
-                    rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-                elif not np.array_equal(xyz, f["voxel_xyz"]):
-                    raise ValueError(f"{d}: its voxels differ from {members[0][1]}'s; cannot compare layers")
-                scores.append(f[f"{split}_r"].astype(np.float64))
+            voxels = d.voxels()
+            if xyz is None:
+                xyz, rois = voxels.voxel_xyz, voxels.rois()
+            elif not np.array_equal(xyz, voxels.voxel_xyz):
+                raise ValueError(f"{d.path}: its voxels differ from {members[0][1].path}'s; cannot compare layers")
+            scores.append(voxels.values(split, "r"))
         best = lay.best_layer(np.stack(scores))
         layer_names = [m[0] for m in members]
         counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **rois}, len(layer_names))
@@ -719,7 +705,7 @@ def _print_dprime(console: Console, rows: list[list]) -> None:
     console.print(table)
 
 
-def _log_wandb(run_dir: Path, info: dict, files: list[Path], opts: Wen2018Options) -> str | None:
+def _log_wandb(run: RunDir, info: dict, files: list[Path], opts: Wen2018Options) -> str | None:
     """Log the figures (wandb.Image) and tables (wandb.Table) to a W&B run in the run's group.
 
     wandb "auto": only if the run trained with logger=wandb; true/false force it. Offline unless
@@ -729,9 +715,10 @@ def _log_wandb(run_dir: Path, info: dict, files: list[Path], opts: Wen2018Option
     choice = str(opts.wandb).lower()
     if choice in ("false", "none", "off"):
         return None
-    from analyses.dashboard import run_config, run_group, run_tags, wandb_mode
+    from analyses.dashboard import run_group, run_tags, wandb_mode
 
-    config = run_config(run_dir)
+    run_dir = run.path
+    config = run.config
     if choice == "auto" and "wandb" not in (config.get("logger") or {}):
         return None
     import wandb

@@ -9,11 +9,11 @@
     enc.feature_slices                         # {layer: slice of its columns in the features}
     raw = enc.cached_features(ids)             # the run's own feature cache rows for these stimulus ids
 
-What is read: ``config.yaml`` (the backbone and head sections, the seed), ``head.pt`` (head weights,
-feature standardisation, n_features, n_voxels, backbone name and layers) and ``run.json`` (the
-feature cache file). The backbone is rebuilt as the run built it: from its weights file or
-pretrained weights, or, for a random-init backbone, with the run's seed (train.py seeds before
-building it). When the run's feature cache file still exists, the rebuilt backbone's weights
+What is read, through :class:`encoders.run_dir.RunDir`: ``config.yaml`` (the backbone and head sections,
+the seed), ``head.pt`` (head weights, feature standardisation, n_features, n_voxels, backbone name and
+layers) and ``run.json`` (the feature cache file). The backbone is rebuilt as the run built it: from
+its weights file or pretrained weights, or, for a random-init backbone, with the run's seed (train.py
+seeds before building it). When the run's feature cache file still exists, the rebuilt backbone's weights
 fingerprint is checked against the one the cache was keyed with, so a backbone that differs from
 the run's never predicts silently.
 
@@ -26,33 +26,33 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-import yaml
 
 from encoders.backbones import FrozenBackbone, build_backbone
 from encoders.feature_cache import weights_fingerprint
 from encoders.model import EncodingModel
+from encoders.run_dir import CONFIG, HEAD, RunDir
 
 log = logging.getLogger(__name__)
-
-RUN_FILES = ("config.yaml", "head.pt")
 
 
 @dataclass
 class TrainedEncoder:
     """A run's encoder: ``model`` (EncodingModel with its frozen backbone), ``config`` (config.yaml as a
-    dict), ``info`` (run.json as a dict, {} if absent), ``run_dir``."""
+    dict), ``info`` (run.json as a dict, {} if absent), ``run_dir``, ``run`` (its RunDir)."""
 
     model: EncodingModel
     config: dict
     info: dict
     run_dir: Path
+    run: RunDir | None = field(default=None, repr=False)
 
     # -- what it is --------------------------------------------------------
     @property
@@ -129,8 +129,8 @@ class TrainedEncoder:
     def cached_features(self, ids: np.ndarray) -> np.ndarray | None:
         """Raw features (len(ids), n_features) of stimulus ids from the run's feature cache file, or None
         when the run used no cache, the file is gone or lacks some of the ids."""
-        path = (self.info.get("features") or {}).get("cache_file")
-        if not path or not Path(path).is_file():
+        path = (self.run or RunDir(self.run_dir)).feature_cache_file
+        if path is None:
             return None
         ids = np.asarray(ids, dtype=np.int64)
         with h5py.File(path, "r") as f:
@@ -158,21 +158,19 @@ class TrainedEncoder:
                              f"datamodule-transformed features, not the backbone's {self.backbone.n_features}")
 
 
-def _read(run_dir: Path) -> tuple[dict, dict, dict]:
-    for name in RUN_FILES:
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: not found (is {run_dir} a run directory?)")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+def _read(run: RunDir) -> tuple[dict, dict]:
+    """config.yaml and head.pt of a run, checked; errors name the file at fault."""
+    run.require(CONFIG)
+    run.require(HEAD)
+    config = run.config
     for key in ("backbone", "head"):
         if not isinstance(config.get(key), dict) or "_target_" not in config[key]:
-            raise ValueError(f"{run_dir / 'config.yaml'}: no '{key}' section with a _target_")
-    state = torch.load(run_dir / "head.pt", map_location="cpu", weights_only=False)
+            raise ValueError(f"{run.file(CONFIG)}: no '{key}' section with a _target_")
+    state = run.head_state()
     missing = [k for k in ("head", "feature_mean", "feature_std", "n_features", "n_voxels") if k not in state]
     if missing:
-        raise ValueError(f"{run_dir / 'head.pt'}: missing keys {missing}")
-    info_file = run_dir / "run.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return config, state, info
+        raise ValueError(f"{run.file(HEAD)}: missing keys {missing}")
+    return config, state
 
 
 def rebuild_backbone(config: dict, layers: Sequence[str] | None = None) -> FrozenBackbone:
@@ -201,9 +199,9 @@ def _build_head(config: dict, n_features: int, n_voxels: int) -> torch.nn.Module
     return cls(n_features=n_features, n_voxels=n_voxels, **kwargs)
 
 
-def _cached_fingerprint(info: dict) -> str | None:
-    path = (info.get("features") or {}).get("cache_file")
-    if not path or not Path(path).is_file():
+def _cached_fingerprint(run: RunDir) -> str | None:
+    path = run.feature_cache_file
+    if path is None:
         return None
     try:
         with h5py.File(path, "r") as f:
@@ -212,21 +210,23 @@ def _cached_fingerprint(info: dict) -> str | None:
         return None
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", check_weights: bool = True) -> TrainedEncoder:
+def load_trained(run_dir: str | os.PathLike | RunDir, device: str | torch.device = "cpu",
+                 check_weights: bool = True) -> TrainedEncoder:
     """Rebuild a run's encoder (frozen backbone + standardisation + trained head) in eval mode.
 
-    run_dir: a run directory written by train.py. check_weights: compare the rebuilt backbone with the
-    weights fingerprint of the run's feature cache (when that file exists); ValueError on a mismatch.
-    FileNotFoundError / ValueError name the file at fault.
+    run_dir: a run directory written by train.py (a path or a RunDir). check_weights: compare the rebuilt
+    backbone with the weights fingerprint of the run's feature cache (when that file exists); ValueError
+    on a mismatch. FileNotFoundError / ValueError name the file at fault.
     """
-    run_dir = Path(run_dir)
-    config, state, info = _read(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run_dir = run.path
+    config, state = _read(run)
     backbone = rebuild_backbone(config, state.get("layers"))
     if check_weights:
-        expected = _cached_fingerprint(info)
+        expected = _cached_fingerprint(run)
         if expected is not None and weights_fingerprint(backbone.model) != expected:
             raise ValueError(f"{run_dir}: the rebuilt '{backbone.spec.name}' backbone's weights differ from those "
-                             f"the run used (feature cache {info['features']['cache_file']})")
+                             f"the run used (feature cache {run.feature_cache_file})")
         if expected is None:
             log.info("%s: no feature cache to check the rebuilt backbone's weights against", run_dir)
     n_features, n_voxels = int(state["n_features"]), int(state["n_voxels"])
@@ -234,9 +234,9 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", check_
     try:
         head.load_state_dict(state["head"])
     except RuntimeError as err:
-        raise ValueError(f"{run_dir / 'head.pt'}: head weights do not fit {type(head).__name__} ({err})") from err
+        raise ValueError(f"{run.file(HEAD)}: head weights do not fit {type(head).__name__} ({err})") from err
     model = EncodingModel(head, n_features, n_voxels, backbone=backbone)
     model.feature_mean.copy_(torch.as_tensor(state["feature_mean"]))
     model.feature_std.copy_(torch.as_tensor(state["feature_std"]))
     model.eval()
-    return TrainedEncoder(model, config, info, run_dir).to(device)
+    return TrainedEncoder(model, config, run.info, run_dir, run).to(device)

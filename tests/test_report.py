@@ -113,8 +113,8 @@ def test_report_compares_every_run_and_lists_failed_jobs(report, sweep):
 
 def test_roi_means_and_errors_match_metrics_json_and_scipy(report):
     for run in report.runs:
-        nc_r2 = run.voxel_values("test", "nc_r2")
-        masks = run.roi_masks()
+        nc_r2 = run.voxels().values("test", "nc_r2")
+        masks = run.rois()
         for roi, (mean, se, n) in report.roi_stats[run.name].items():
             if roi == ALL_VOXELS:
                 x, expected = nc_r2, run.metrics["test"]["nc_r2_mean"]
@@ -141,8 +141,8 @@ def test_paired_tests_between_backbones_match_a_direct_computation(report):
     pairs = {(t["a"].name, t["b"].name) for t in report.tests}
     assert pairs == {("0_tiny_linear", "2_tiny_vit_linear"), ("1_tiny_ridge", "3_tiny_vit_ridge")}
     for t in report.tests:
-        a, b = t["a"].voxel_values("test", "nc_r2"), t["b"].voxel_values("test", "nc_r2")
-        masks = t["a"].roi_masks()
+        a, b = t["a"].voxels().values("test", "nc_r2"), t["b"].voxels().values("test", "nc_r2")
+        masks = t["a"].rois()
         assert [r["roi"] for r in t["rows"]] == [ALL_VOXELS] + [n for n in report.rois if n in masks]
         for row in t["rows"]:
             sel = np.ones(len(a), bool) if row["roi"] == ALL_VOXELS else masks[row["roi"]]

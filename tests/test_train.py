@@ -82,6 +82,7 @@ def test_train_writes_the_run_directory(make_cfg, synthetic_root, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["backbone"] == "tiny" and info["versions"]["torch"].startswith("2.14")
     assert info["git_commit"] and info["data"]["n_images"]["test"] == len(test_ids)
+    assert info["time_series"] is False  # recorded from the datamodule, read back by RunDir.is_time_series
     assert (run / "config.yaml").exists() and (run / "head.pt").exists()
     assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
