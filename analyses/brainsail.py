@@ -4,8 +4,8 @@
     python analyze.py analysis=brainsail run_dir=<clip run> 'analysis.compare_runs=[<dinov2 run>,<siglip run>]'
 
 The run must have been trained on the backbone's image embedding alone (``backbone.layers=[embed]``; BrainSAIL
-also sets ``backbone.normalize=true``) with a ViT backbone. Images: the run's ``split`` images from its
-NSD-layout stimulus file (run.json ``data.root``), or every image of ``image_dir``. Per image batch: dense
+also sets ``backbone.normalize=true``) with a ViT backbone. Images: the run's ``split`` images, opened by the
+run's own datamodule (``RunDir.stimuli()``), or every image of ``image_dir``. Per image batch: dense
 features (``encoders.dense``: MaskCLIP / NACLIP last block, ``method=auto`` = NACLIP for CLIP ViTs, MaskCLIP
 otherwise) are distilled over ``n_views`` shifted / flipped views (``encoders.distill``), unit-normalised per
 patch when the run normalised its embeddings, and the run's head is applied to every patch
@@ -38,14 +38,15 @@ from rich.console import Console
 
 from analyses import attribution as attr
 from analyses.outputs import pyplot, write_csv
+from datamodules.errors import DataError
+from datamodules.image_folder import image_files, read_image
 from encoders.distill import FILLS, distill, make_views
-from encoders.run_dir import INFO, SPLIT, RunDir, require_runs
+from encoders.run_dir import SPLIT, RunDir, require_runs
 from encoders.run_record import write_json
 
 log = logging.getLogger(__name__)
 
 CAPTIONS_DIR = Path(__file__).resolve().parents[1] / "conf" / "captions"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # conf/analysis/brainsail.yaml (group, key) -> BrainSAILOptions field
 CONFIG_KEYS = {("dense", "method"): "method", ("dense", "sigma"): "sigma", ("dense", "image_size"): "image_size",
                ("distill", "n_views"): "n_views", ("distill", "max_shift"): "max_shift",
@@ -146,33 +147,22 @@ class ImageSource:
 
 
 def image_source(run: RunDir, opts: BrainSAILOptions) -> ImageSource:
-    """``image_dir`` files (sorted), else the run's ``split`` ids read from its NSD-layout stimulus file."""
+    """``image_dir`` files (sorted), else the run's ``split`` ids, read by the run's own datamodule."""
     if opts.image_dir:
-        from PIL import Image
-
         folder = Path(opts.image_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: image_dir not found")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = image_files(folder)
         files = files[:opts.max_images] if opts.max_images else files
-        return ImageSource([p.name for p in files], lambda name: np.asarray(Image.open(folder / name).convert("RGB")))
+        return ImageSource([p.name for p in files], lambda name: read_image(folder / name))
     run.require(SPLIT, "or give analysis.image_dir=<folder of images>")
     ids = run.split_ids(opts.split)
     ids = ids[:opts.max_images] if opts.max_images else ids
-    data = run.data
-    if data.get("root") is None or data.get("subject") is None:
-        raise ValueError(f"{run.file(INFO)}: no data.root / data.subject to read images from "
-                         f"(give analysis.image_dir=<folder of images>)")
-    from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, StimulusBrick
-
     try:
-        brick = StimulusBrick(NSDPaths(Path(data["root"]), int(data["subject"])).stimuli)
-    except DataError as err:
-        raise ValueError(f"{err} (or give analysis.image_dir=<folder of images>)") from None
-    return ImageSource(ids.tolist(), brick.image)
+        stimuli = run.stimuli()
+    except (DataError, KeyError) as err:
+        raise ValueError(f"{run.path}: its images cannot be read ({err}); give analysis.image_dir=<folder of images>") from None
+    return ImageSource(ids.tolist(), stimuli.image)
 
 
 def display_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:

@@ -35,8 +35,9 @@ voxel and do not enter Q. P = norm(I)·norm(T)ᵀ with T from the same open_clip
 (:mod:`encoders.text`), or from ``analysis.concept_embeddings``.
 
 Ground truth for the localizer correlation (``analysis.localizers``): ``auto`` uses the synthetic dataset's
-``ground_truth.h5`` (the planted category contrast: mean noise-free signal for the category's images minus
-that for the other images, per voxel) for concepts with a ``synthetic_category``; or a mapping
+planted truth (``RunDir.ground_truth()``, from ``SyntheticDataModule``: the planted category contrast, mean
+noise-free signal for the category's images minus that for the other images, per voxel) for concepts with
+a ``synthetic_category``; or a mapping
 ``{concept: file}`` with a NIfTI volume read at the run's voxel coordinates (e.g. NSD's fLoc t-maps
 ``nsddata/ppdata/subjXX/func1pt8mm/floc_facestval.nii.gz``) or a ``.npy`` vector in the run's voxel order.
 """
@@ -53,9 +54,10 @@ from rich.table import Table
 
 from analyses import dissect
 from analyses.outputs import pyplot, write_csv
+from datamodules.errors import DataError
+from datamodules.image_folder import ImageFolder, image_files
 from encoders.run_dir import RunDir, require_runs
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PLANTED_PREFIX = "planted:"
 
 
@@ -245,20 +247,6 @@ class Probe:
         return str(self.files[i]) if self.files is not None else str(int(self.ids[i]))
 
 
-def _nsd_brick(info: dict):
-    """StimulusBrick of the run's NSD-layout dataset, or None."""
-    data = info.get("data", {})
-    if data.get("root") is None or data.get("subject") is None:
-        return None
-    from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, StimulusBrick
-
-    try:
-        return StimulusBrick(NSDPaths(Path(data["root"]), int(data["subject"])).stimuli)
-    except (DataError, ValueError, TypeError):
-        return None
-
-
 def probe_images(run: RunEncoder, opts: Options) -> Probe:
     """``dataset``: every image of the run's splits; ``test``: its test images; else a folder of images."""
     enc = run.enc
@@ -267,71 +255,30 @@ def probe_images(run: RunEncoder, opts: Options) -> Probe:
         ids = np.unique(np.concatenate([np.asarray(run.split.get(k, []), dtype=np.int64) for k in keys]))
         if ids.size == 0:
             raise ValueError(f"{enc.run_dir / 'split.json'}: no image ids for the probe set '{opts.probe}'")
-        brick = _nsd_brick(run.info)
+        try:
+            source = run.run.stimuli()
+        except (DataError, ValueError, KeyError):
+            source = None
         feats = enc.cached_features(ids)
         if feats is None:
-            if brick is None:
+            if source is None:
                 raise ValueError(f"{enc.run_dir}: the run's feature cache is gone and its images cannot be read; "
                                  f"give analysis.probe=<folder of images>")
-            feats = np.concatenate([enc.image_features([brick.image(i) for i in ids[s:s + opts.batch_size]])
+            feats = np.concatenate([enc.image_features([source.image(i) for i in ids[s:s + opts.batch_size]])
                                     for s in range(0, len(ids), opts.batch_size)])
-        reader = (lambda i: brick.image(int(ids[i]))) if brick is not None else None
+        reader = (lambda i: source.image(int(ids[i]))) if source is not None else None
         return Probe(feats, ids, None, f"{opts.probe} images of the run ({len(ids)})", reader)
     folder = Path(opts.probe)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: probe image folder not found (analysis.probe: dataset | test | <folder>)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    from PIL import Image
-
-    def read(i: int) -> np.ndarray:
-        with Image.open(files[i]) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-
-    feats = np.concatenate([enc.image_features([read(i) for i in range(s, min(s + opts.batch_size, len(files)))])
+    source = ImageFolder(image_files(folder, recursive=True))
+    files = source.files
+    feats = np.concatenate([enc.image_features([source.image(i) for i in range(s, min(s + opts.batch_size, len(files)))])
                             for s in range(0, len(files), opts.batch_size)])
-    return Probe(feats, None, [str(f) for f in files], f"{len(files)} images under {folder}", read)
+    return Probe(feats, None, [str(f) for f in files], f"{len(files)} images under {folder}", source.image)
 
 
 # ----------------------------------------------------------------------------- ground truth
-
-
-def _match(xyz: np.ndarray, other_xyz: np.ndarray) -> np.ndarray:
-    """Row of each run voxel in other_xyz, or -1."""
-    lookup = {tuple(v): i for i, v in enumerate(np.asarray(other_xyz).tolist())}
-    return np.array([lookup.get(tuple(v), -1) for v in np.asarray(xyz).tolist()], dtype=np.int64)
-
-
-def synthetic_ground_truth(info: dict, xyz: np.ndarray) -> dict | None:
-    """For a run on the synthetic dataset: {"categories", "contrast" (n_categories, n_voxels), "preferred"
-    (n_voxels,) category index or -1}; None when the run's data root has no ground_truth.h5."""
-    data = info.get("data", {})
-    root, subject = data.get("root"), data.get("subject")
-    if root is None or subject is None or not (Path(root) / "ground_truth.h5").is_file():
-        return None
-    import h5py
-
-    with h5py.File(Path(root) / "ground_truth.h5", "r") as f:
-        group = f"subj{int(subject):02d}"
-        if group not in f:
-            return None
-        categories = [c.decode() if isinstance(c, bytes) else str(c) for c in f["categories"][:]]
-        image_category = f["image_category"][:]
-        g = f[group]
-        rows = _match(xyz, g["voxel_xyz"][:])
-        signal = g["signal"][:].astype(np.float64)
-        preferred_all = g["preferred_category"][:]
-    contrast = np.full((len(categories), len(xyz)), np.nan)
-    preferred = np.full(len(xyz), -1, np.int64)
-    ok = rows >= 0
-    for c in range(len(categories)):
-        inside = image_category == c
-        if inside.any() and (~inside).any():
-            diff = signal[inside].mean(0) - signal[~inside].mean(0)
-            contrast[c, ok] = diff[rows[ok]]
-    preferred[ok] = preferred_all[rows[ok]]
-    return {"categories": categories, "contrast": contrast, "preferred": preferred}
 
 
 def localizer_truth(run: RunEncoder, opts: Options, synthetic: dict | None) -> tuple[dict[int, np.ndarray],
@@ -451,7 +398,7 @@ def analyse_run(run_dir: RunDir | Path, opts: Options, console: Console) -> dict
     probe = probe_images(run, opts)
     acts = dissect.LinearActivations(probe.features.astype(np.float32), run.weights.astype(np.float32))
     P = dissect.concept_activations(probe.features, T)
-    synthetic = synthetic_ground_truth(run.info, run.voxel_xyz)
+    synthetic = run.run.ground_truth()
     rois = roi_masks(run, opts, synthetic)
     truth, truth_sources = localizer_truth(run, opts, synthetic)
     loc_mask = None

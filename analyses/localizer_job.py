@@ -20,7 +20,7 @@ What it does, into ``<run_dir or sweep_dir>/<out_subdir>/``:
   localized too; Jaccard overlap of its selected units with the main set's. -> overlap.csv
 * brain regions: per category, the union of the run's ROIs in ``regions`` (voxel_metrics roi_* masks,
   NSD floc-* names) or a user t-map over the run's voxels (``tmaps``, t > ``tmap_threshold``). Single
-  trials at those voxels are read from the run's NSD-layout betas (z-scored per session like the run),
+  trials at those voxels are re-read by the run's own datamodule (z-scored per session like the run),
   and every test image's trials split alternately into two halves.
 * comparison on the images common to every subject's test set (with >= ``min_trials`` trials): tuning =
   Pearson r between the selected units' mean response profile and the region's mean response profile;
@@ -51,7 +51,7 @@ from rich.table import Table
 from analyses import localizer as loc
 from analyses.outputs import pyplot, write_csv
 from analyses.categories import CategoryStats
-from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
+from datamodules.image_folder import category_folder, read_image
 from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json
 
@@ -130,7 +130,7 @@ class LocalizerSet:
 
 def read_localizer_set(folder: str | Path, domains: dict[str, str], name: str) -> LocalizerSet:
     """A folder of category sub-folders; sub-folder names mapped through ``domains`` (unmapped: kept)."""
-    files, labels, names = image_folder(folder)
+    files, labels, names = category_folder(folder)
     mapped = [domains.get(n, n) for n in names]
     categories = list(dict.fromkeys(mapped))
     codes = np.array([categories.index(m) for m in mapped], dtype=np.int64)[labels]
@@ -144,20 +144,13 @@ def localizer_sets(opts: LocalizerOptions, runs: list["Run"]) -> list[LocalizerS
     if opts.localizer_dir:
         dirs = [opts.localizer_dir, *opts.alt_localizer_dirs]
         return [read_localizer_set(d, opts.domains, f"localizer{i}" if i else "main") for i, d in enumerate(dirs)]
-    meta = next((Path(r.data["root"]) / "synthetic.json" for r in runs
-                 if r.data.get("root") and (Path(r.data["root"]) / "synthetic.json").is_file()), None)
-    if meta is None:
-        raise ValueError("analysis.localizer_dir: give a localizer image folder (one sub-folder of images per "
-                         "category, e.g. fLoc's); only runs on the synthetic dataset have a drawn default")
-    from datamodules.synthetic_images import CATEGORIES
-
-    params = json.loads(meta.read_text())
-    names = [c for c in params.get("categories", CATEGORIES) if c in CATEGORIES]
-    size = int(params.get("image_size", 425))
     out = []
     for i, seed in enumerate(opts.synthetic_seeds):
-        folder = Path(opts.data_dir) / "localizer" / f"synthetic_n{opts.synthetic_n_per_category}_px{size}_seed{seed}"
-        synthetic_image_folder(folder, names, opts.synthetic_n_per_category, size, seed)
+        folder = next((f for r in runs if (f := r.run.category_images(Path(opts.data_dir) / "localizer",
+                                                                     opts.synthetic_n_per_category, seed))), None)
+        if folder is None:
+            raise ValueError("analysis.localizer_dir: give a localizer image folder (one sub-folder of images per "
+                             "category, e.g. fLoc's); only runs on the synthetic dataset have a drawn default")
         out.append(read_localizer_set(folder, opts.domains, f"synthetic_seed{seed}" if i else "main"))
     if not out:
         raise ValueError("analysis.synthetic_seeds is empty: no localizer set")
@@ -223,48 +216,23 @@ def read_run(run_dir: RunDir | Path) -> Run:
     return Run(run, preds.ids.astype(np.int64), preds.true)
 
 
-def is_nsd_layout(run: Run) -> bool:
-    """The run's data is NSD-layout (nsd / synthetic): betas that can be read trial by trial at any voxels."""
-    data = run.data
-    if not {"root", "subject", "space", "sessions"} <= data.keys():
-        return False
-    from datamodules.nsd_files import NSDPaths
-
-    try:
-        return NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format")).expdesign.is_file()
-    except ValueError:
-        return False
+def has_trials(run: Run) -> bool:
+    """The run's datamodule can re-read its single trials at any of its voxels (NSD layout: nsd, synthetic),
+    and its data are still there."""
+    root = run.data.get("root")
+    return run.run.has_single_trials and root is not None and Path(root).is_dir()
 
 
 def read_region_trials(run: Run, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every trial of the run's sessions at the run's voxels ``columns`` (indices into its voxels), z-scored
-    per session as the run's data were: (trial ids (n_trials,) in presentation order, values (n_trials, n)).
-
-    Reads one session at a time at those voxels only (``datamodules.nsd_files.read_session``).
-    """
+    """Every trial of the run's sessions at the run's voxels ``columns`` (indices into its voxels), read and
+    z-scored per session by the run's own datamodule exactly as the run's data were: (trial ids (n_trials,)
+    in presentation order, values (n_trials, n))."""
     from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, read_expdesign, read_labels, read_session, session_trials
-    from datamodules.preprocessing import zscore_trials
 
-    data = run.data
     try:
-        paths = NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format"))
-        design = read_expdesign(paths.expdesign)
-        layout = read_labels(paths, data.get("roi_mask", "nsdgeneral")).layout
-        locs = run.voxel_xyz[np.asarray(columns)].astype(np.int64)
-        ids, values = [], []
-        for session in data["sessions"]:
-            n_trials, _, _ = session_trials(paths, int(session))
-            betas = read_session(paths, int(session), locs, layout)
-            if data.get("zscore", True):
-                zscore_trials(betas, inplace=True)
-            else:
-                np.nan_to_num(betas, copy=False)
-            ids.append(design.trial_stimuli(paths.subject, int(session), n_trials))
-            values.append(betas)
+        return run.run.single_trials(columns)
     except DataError as err:
         raise ValueError(f"{run.dir}: reading its betas: {err}") from err
-    return np.concatenate(ids).astype(np.int64), np.concatenate(values)
 
 
 def region_masks(run: Run, opts: LocalizerOptions, notes: list[str]) -> dict[str, np.ndarray]:
@@ -370,7 +338,7 @@ def localize(backbone, sets: list[LocalizerSet], opts: LocalizerOptions) -> dict
 
 def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """Activations of ``layers`` (localizer pooling) for stimulus ids: the run's feature cache where the
-    layer and pooling are the run's own, else computed from the NSD stimulus file."""
+    layer and pooling are the run's own, else computed from the run's images (opened by its datamodule)."""
     out = {}
     same_units = backbone.pooling == enc.backbone.pooling and backbone.normalize == enc.backbone.normalize
     cached_layers = [name for name in layers if same_units and name in enc.layers]
@@ -380,13 +348,10 @@ def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray
             out = {name: raw[:, enc.feature_slices[name]] for name in cached_layers}
     todo = [name for name in layers if name not in out]
     if todo:
-        from datamodules.nsd_files import NSDPaths, StimulusBrick
-
-        brick = StimulusBrick(NSDPaths(Path(run.data["root"]), int(run.data["subject"]), run.data["space"],
-                                       run.data.get("beta_format")).stimuli)
+        stimuli = run.run.stimuli()
         feats = defaultdict(list)
         for start in range(0, len(ids), 256):
-            chunk = images_features(backbone, [brick.image(int(i)) for i in ids[start:start + 256]], batch_size)
+            chunk = images_features(backbone, [stimuli.image(int(i)) for i in ids[start:start + 256]], batch_size)
             for name in todo:
                 feats[name].append(chunk[name])
         out.update({name: np.concatenate(feats[name]) for name in todo})
@@ -408,7 +373,7 @@ def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | No
     if not runs:
         raise FileNotFoundError(f"{out_dir.parent}: no run directories")
     notes: list[str] = []
-    brain_runs = [r for r in runs if is_nsd_layout(r)]
+    brain_runs = [r for r in runs if has_trials(r)]
     for r in runs:
         if r not in brain_runs:
             notes.append(f"{r.dir.name}: data '{r.data.get('dataset')}' is not NSD-layout: units only, no brain comparison")

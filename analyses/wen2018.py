@@ -37,8 +37,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -50,13 +48,14 @@ from rich.table import Table
 
 from analyses import categories as cat
 from analyses.outputs import write_csv
+from datamodules.errors import DataError
+from datamodules.image_folder import category_folder, read_image
 from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json
 
 # analyses.stats and analyses.layers (torch) are imported inside the functions that use them: analyze.py
 # imports this module for every analysis, and `analysis=summary` should not pay for torch.
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SIGNIFICANCE = ("auto", "bootstrap", "permutation")
 # (group, key) in conf/analysis/wen2018.yaml -> Wen2018Options field, where the two differ
 CONFIG_ALIASES = {("significance", "method"): "significance", ("semantic", "source"): "semantic"}
@@ -230,22 +229,16 @@ def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
 
 
 def test_features(enc, run: RunData) -> np.ndarray | None:
-    """The run's raw test features: its feature cache, else recomputed from the stimulus file (NSD layout)."""
+    """The run's raw test features: its feature cache, else recomputed from its images (opened by its own
+    datamodule); None when neither is available."""
     raw = enc.cached_features(run.ids)
     if raw is not None:
         return raw
-    data = run.info.get("data", {})
-    root, subject = data.get("root"), data.get("subject")
-    if root is None or subject is None:
-        return None
-    from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, StimulusBrick
-
     try:
-        brick = StimulusBrick(NSDPaths(Path(root), int(subject)).stimuli)
-    except DataError:
+        source = run.run.stimuli()
+    except (DataError, ValueError, KeyError):
         return None
-    return np.concatenate([enc.image_features([brick.image(i) for i in run.ids[s:s + 64]])
+    return np.concatenate([enc.image_features([source.image(i) for i in run.ids[s:s + 64]])
                            for s in range(0, len(run.ids), 64)])
 
 
@@ -280,79 +273,12 @@ def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
 # ----------------------------------------------------------------------------- images by category
 
 
-def image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
-    """A folder with one sub-folder of images per category -> (files, labels (n,) int64, category names).
-
-    Categories are the sub-folder names in sorted order; images are the files with an image suffix.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
-    names = sorted(d.name for d in root.iterdir() if d.is_dir())
-    files, labels = [], []
-    for i, name in enumerate(names):
-        imgs = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        files += imgs
-        labels += [i] * len(imgs)
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(names)) if names else np.zeros(0)
-    if len(names) < 2 or (counts < 2).any():
-        raise ValueError(f"{root}: needs >= 2 category sub-folders with >= 2 images each "
-                         f"(found {dict(zip(names, counts.tolist()))})")
-    return files, np.asarray(labels, dtype=np.int64), names
-
-
-def read_image(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))  # a writable copy (torchvision warns on read-only arrays)
-
-
-def synthetic_image_folder(out_dir: str | Path, categories: Sequence[str], n_per_category: int, size: int,
-                           seed: int = 0) -> Path:
-    """Draw ``n_per_category`` fresh images of each synthetic category (datamodules.synthetic_images) into
-    ``out_dir/<category>/NNNN.png``; an existing complete folder is reused. Written to a temporary folder
-    and renamed into place. The stream (seed 10_000 + seed) differs from the dataset generator's."""
-    from PIL import Image
-
-    from datamodules.synthetic_images import draw_image
-
-    out = Path(out_dir)
-    marker = out / "complete.json"
-    spec = {"categories": list(categories), "n_per_category": int(n_per_category), "size": int(size), "seed": int(seed)}
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return out
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rngs = np.random.default_rng(10_000 + int(seed)).spawn(len(categories))
-    for name, rng in zip(categories, rngs):
-        (tmp / name).mkdir(parents=True)
-        for k, r in enumerate(rng.spawn(n_per_category)):
-            Image.fromarray(draw_image(name, r, int(size))).save(tmp / name / f"{k:04d}.png")
-    (tmp / "complete.json").write_text(json.dumps(spec))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
-
-
 def resolve_image_dir(run: RunData, opts: Wen2018Options) -> Path | None:
-    """``image_dir`` if given; for a run on a synthetic NSD-layout dataset a drawn set; else None."""
+    """``image_dir`` if given; for a run on the synthetic dataset, freshly drawn images of its categories
+    (asked of the run's datamodule); else None."""
     if opts.image_dir:
         return Path(opts.image_dir)
-    root = run.info.get("data", {}).get("root")
-    meta = Path(root) / "synthetic.json" if root else None
-    if meta is None or not meta.is_file():
-        return None
-    params = json.loads(meta.read_text())
-    from datamodules.synthetic_images import CATEGORIES
-
-    names = [c for c in params.get("categories", CATEGORIES) if c in CATEGORIES]
-    size = int(params.get("image_size", 425))
-    folder = Path(opts.data_dir) / "virtual_fmri" / f"synthetic_n{opts.n_per_category}_px{size}_seed{opts.image_seed}"
-    return synthetic_image_folder(folder, names, opts.n_per_category, size, opts.image_seed)
+    return run.run.category_images(Path(opts.data_dir) / "virtual_fmri", opts.n_per_category, opts.image_seed)
 
 
 def virtual_fmri(enc, files: Sequence[Path], labels: np.ndarray, n_categories: int, per_layer: bool,
@@ -464,7 +390,7 @@ def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndar
 
 def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic: tuple | None, acc: dict,
                      opts: Wen2018Options, out: Path, title: str, console: Console) -> tuple[dict, dict, list[Path]]:
-    """Virtual fMRI of the images (``image_folder(image_dir)``) and the category organisation, compared with
+    """Virtual fMRI of the images (``category_folder(image_dir)``) and the category organisation, compared with
     ``semantic`` (``semantic_matrix``, or None); writes dprime.csv/.png, category_maps.npz, categories.json,
     similarity.png, layers_categories.csv/.png. Returns (categories.json's content, per-voxel arrays, files)."""
     from analyses import stats
@@ -523,7 +449,7 @@ def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console
     notes: list[str] = []
     enc = _load_encoder(run_dir, opts, notes)
     image_dir = resolve_image_dir(run, opts) if enc is not None else None
-    images = image_folder(image_dir) if image_dir is not None else None
+    images = category_folder(image_dir) if image_dir is not None else None
     semantic = semantic_matrix(enc, images[2], opts) if images is not None else None
     out = run_dir.path / opts.out_subdir
     out.mkdir(parents=True, exist_ok=True)

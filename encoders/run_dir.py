@@ -355,6 +355,40 @@ class RunDir:
         dm.setup()
         return dm
 
+    def stimuli(self):
+        """The run's images by sample id (a stimulus source: ``image(id)`` -> uint8 (H, W, 3), ``len()``),
+        opened by the run's own datamodule class from what the run recorded (no responses are read).
+        ValueError (one line) when the class cannot open stimuli or the files are gone."""
+        cls = self.datamodule_class
+        if not hasattr(cls, "open_stimuli"):
+            raise ValueError(f"{self.path}: its datamodule {cls.__name__} serves no images")
+        return cls.open_stimuli(self.data_config, self.data)
+
+    def ground_truth(self) -> dict | None:
+        """The planted ground truth at the run's voxels, from a synthetic dataset's datamodule
+        (``SyntheticDataModule.ground_truth``); None for any other data."""
+        method = getattr(self.datamodule_class, "ground_truth", None)
+        return None if method is None else method(self.data_config, self.data, self.voxel_xyz)
+
+    def category_images(self, parent: str | os.PathLike, n_per_category: int, seed: int = 0) -> Path | None:
+        """A folder of freshly drawn images per category of the run's dataset (synthetic datasets only,
+        ``SyntheticDataModule.category_images``), under ``parent``; None for any other data."""
+        method = getattr(self.datamodule_class, "category_images", None)
+        return None if method is None else method(self.data_config, self.data, parent, n_per_category, seed)
+
+    @property
+    def has_single_trials(self) -> bool:
+        """Whether the run's datamodule can re-read single trials at any of its voxels (NSD layout)."""
+        return hasattr(self.datamodule_class, "single_trials")
+
+    def single_trials(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every trial of the run's sessions at its voxels ``columns`` (indices into its voxels), read and
+        preprocessed by the run's datamodule as the run's data were: (stimulus ids (n_trials,) in
+        presentation order, values (n_trials, len(columns)))."""
+        if not self.has_single_trials:
+            raise ValueError(f"{self.path}: its datamodule {self.datamodule_class.__name__} cannot read single trials")
+        return self.datamodule_class.single_trials(self.data_config, self.data, self.voxel_xyz[np.asarray(columns)])
+
     def encoder(self, device: str = "cpu", check_weights: bool = True):
         """The trained encoder (``encoders.trained.TrainedEncoder``): frozen backbone, feature transform, head."""
         from encoders.trained import load_trained

@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from analyses.localizer import image_means
 from analyses.localizer_job import LocalizerOptions, analyse, read_region_trials, read_run, region_masks, run_localizer
-from analyses.wen2018 import image_folder, read_image
+from datamodules.image_folder import category_folder, read_image
 from tests.conftest import REPO
 
 RUN = ["experiment=demo", "logger=none", "trainer.enable_progress_bar=false", "head=ridge"]
@@ -81,7 +81,7 @@ def test_localizer_on_two_synthetic_subjects(sweep, tmp_path):
     main = [r for r in counts if r["localizer"] == "main" and r["variant"] == "run"]
     assert [r["layer"] for r in main if r["category"] == "word"] == ["conv1", "conv2", "conv3", "embed"]
     assert {r["variant"] for r in counts} == {"run", "random"}
-    files, labels, names = image_folder(tmp_path / "localizer" / "synthetic_n40_px64_seed0")
+    files, labels, names = category_folder(tmp_path / "localizer" / "synthetic_n40_px64_seed0")
     from encoders.backbones import build_backbone
     torch.manual_seed(0)
     bb = build_backbone("tiny", layers=["conv3", "embed"])

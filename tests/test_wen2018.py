@@ -18,7 +18,9 @@ from omegaconf import OmegaConf, open_dict
 
 from analyses import categories as cat
 from analyses import stats
-from analyses.wen2018 import Wen2018Options, analyse_run, image_folder, sweep_best_layer, synthetic_image_folder
+from analyses.wen2018 import Wen2018Options, analyse_run, sweep_best_layer
+from datamodules.image_folder import category_folder
+from datamodules.synthetic_images import write_category_folder
 from encoders.trained import load_trained
 from tests.conftest import REPO
 
@@ -198,16 +200,16 @@ def test_sweep_form_of_the_best_layer(tmp_path):
 
 
 def test_image_folders(tmp_path):
-    folder = synthetic_image_folder(tmp_path / "imgs", ["face", "word"], n_per_category=3, size=32, seed=1)
-    files, labels, names = image_folder(folder)
+    folder = write_category_folder(tmp_path / "imgs", ["face", "word"], n_per_category=3, size=32, seed=1)
+    files, labels, names = category_folder(folder)
     assert names == ["face", "word"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
     stamp = files[0].stat().st_mtime_ns
-    assert synthetic_image_folder(tmp_path / "imgs", ["face", "word"], 3, 32, seed=1) == folder
+    assert write_category_folder(tmp_path / "imgs", ["face", "word"], 3, 32, seed=1) == folder
     assert files[0].stat().st_mtime_ns == stamp  # reused, not redrawn
     (tmp_path / "bad" / "face").mkdir(parents=True)
     shutil.copy(files[0], tmp_path / "bad" / "face" / "a.png")
     with pytest.raises(ValueError, match="bad: needs >= 2 category sub-folders"):
-        image_folder(tmp_path / "bad")
+        category_folder(tmp_path / "bad")
 
 
 def test_the_config_file_maps_onto_the_options():
