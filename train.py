@@ -204,16 +204,18 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
     if cfg.get("save_predictions", True):
         run.write_predictions(predictions, {s: dm.targets(s) for s in predictions},
                               {s: dm.split_ids[s] for s in predictions})
-    run.write_head({"head": model.head.state_dict(), "feature_mean": model.feature_mean.cpu(),
-                    "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
-                    "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers})
+    run.write_head({"head": model.head.state_dict(), "feature_transform": model.transform.state(),
+                    "feature_mean": model.feature_mean.cpu(), "feature_std": model.feature_std.cpu(),
+                    "n_features": model.n_features, "n_voxels": model.n_voxels, "backbone": backbone.spec.name,
+                    "layers": backbone.layers})
     if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
         est = model.head.estimator
         run.write_ridge_cv(est.alphas, est.best_alphas_, est.cv_scores_)
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run.write_info({
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
-        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(), "features": feature_info,
+        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
+        "features": {**feature_info, "transform": model.transform.describe()},
         "time_series": bool(getattr(dm, "time_series", False)),
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,

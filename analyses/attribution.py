@@ -36,16 +36,16 @@ __all__ = ["roi_columns", "Readout", "relevance_maps", "upsample", "luminance", 
 def check_embedding_run(encoder) -> None:
     """ValueError (one line) unless the run's head reads exactly the backbone's image embedding.
 
-    Dense patch features live in the embedding space, so the head applies to them only when the run
-    was trained on that layer alone (``backbone.layers=[embed]``).
+    Dense patch features live in the embedding space, so the head applies to them (through the run's
+    saved feature transform) only when the run was trained on that layer alone (``backbone.layers=[embed]``).
     """
     from encoders.backbones import EMBED
 
     layers = list(encoder.backbone.layers)
-    if layers != [EMBED] or not encoder.takes_backbone_features:
+    if layers != [EMBED] or not encoder.predicts_images:
         raise ValueError(f"{encoder.run_dir}: BrainSAIL needs a run trained on the image embedding alone "
                          f"(backbone.layers=[{EMBED}]); this run used layers {layers}"
-                         + ("" if encoder.takes_backbone_features else " with transformed features"))
+                         + ("" if encoder.predicts_images else " with transformed features it cannot map images to"))
 
 
 def roi_columns(rois: Mapping[str, np.ndarray], voxels: Sequence[int] = ()) -> tuple[list[str], np.ndarray]:
@@ -109,7 +109,7 @@ class Readout:
 
     def __call__(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """features (m, d) -> (m, R) float32."""
-        z = torch.as_tensor(self.encoder.standardise(features))
+        z = torch.as_tensor(self.encoder.head_inputs(features))
         if self.weight is not None:
             return (z @ self.weight.T + self.bias).numpy()
         out = [torch.as_tensor(self.encoder.predict_standardised(z[i:i + self.chunk])) @ self.columns

@@ -159,6 +159,9 @@ def load_run_encoder(run_dir: RunDir | Path, device: str = "cpu") -> RunEncoder:
     """The run's encoder and its head weights on the raw CLIP image embedding; ValueError when the run is
     not a linear head on the ``embed`` layer alone."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if run.is_time_series:
+        raise ValueError(f"{run.path}: CLIP-MSM needs a head on the raw CLIP image embedding; this run's head reads "
+                         f"z-scored, PCA-reduced, HRF-convolved features per TR (a time series)")
     enc = run.encoder(device=device)
     if not enc.takes_backbone_features or enc.layers != ["embed"]:
         raise ValueError(f"{run.path}: CLIP-MSM needs a head on the CLIP image embedding alone "

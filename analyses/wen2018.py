@@ -247,7 +247,7 @@ def best_layer_analysis(enc, raw: np.ndarray, run: RunData, opts: Wen2018Options
     from analyses import layers as lay
 
     slices = enc.feature_slices
-    z = enc.standardise(raw)
+    z = enc.head_inputs(raw)
     scores = lay.layer_scores(enc.predict_standardised, z, run.true, slices, score=opts.layer_score)
     best = lay.best_layer(scores)
     counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **run.rois}, len(slices))
@@ -292,7 +292,7 @@ def virtual_fmri(enc, files: Sequence[Path], labels: np.ndarray, n_categories: i
     for start in range(0, len(files), batch_size):
         images = [read_image(p) for p in files[start:start + batch_size]]
         lab = labels[start:start + batch_size]
-        z = enc.standardise(enc.image_features(images, batch_size))
+        z = enc.image_inputs(images, batch_size)
         stats_all.update(enc.predict_standardised(z), lab)
         for name in slices:
             stats_layer[name].update(enc.predict_standardised(lay.keep_one_layer(z, slices, name)), lab)
@@ -397,7 +397,8 @@ def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic
 
     files: list[Path] = []
     paths, labels, names = images
-    stats_all, stats_layer = virtual_fmri(enc, paths, labels, len(names), per_layer=len(enc.layers) >= 2,
+    stats_all, stats_layer = virtual_fmri(enc, paths, labels, len(names),
+                                          per_layer=len(enc.layers) >= 2 and enc.takes_backbone_features,
                                           batch_size=opts.batch_size)
     d = stats_all.dprime()
     sel, pref = cat.selectivity(d)
@@ -517,9 +518,9 @@ def _load_encoder(run: RunDir, opts: Wen2018Options, notes: list[str]):
     """The run's TrainedEncoder for image-based analyses, or None (with a note) when it predicts from
     datamodule-transformed features only."""
     enc = run.encoder(device=opts.device)
-    if not enc.takes_backbone_features:
+    if not enc.predicts_images:
         notes.append("best layer and virtual fMRI: the run's head reads datamodule-transformed features "
-                     "(e.g. video PCA + HRF), not image features")
+                     "(e.g. video PCA + HRF), and the run saved no frame stage to map image features to them")
         return None
     return enc
 

@@ -3,9 +3,10 @@
     from encoders.trained import load_trained
     enc = load_trained("outputs/runs/2026-01-01_12-00-00_tiny_ridge")
     pred = enc.predict_images(images)          # uint8 (n, H, W, 3) or a list of (H, W, 3) -> (n, n_voxels)
-    pred = enc.predict_features(raw)           # backbone features (n, n_features) -> (n, n_voxels)
-    z = enc.standardise(raw)                   # the head's input: (raw - train mean) / train std
+    raw = enc.image_features(images)           # the backbone's features (n, F)
+    z = enc.head_inputs(raw)                   # the head's input (n, n_features): the run's fitted transform
     pred = enc.predict_standardised(z)         # the head alone (e.g. with some layers zeroed)
+    pred = enc.predict_features(x)             # per-sample features (n, n_features) -> standardise -> head
     enc.feature_slices                         # {layer: slice of its columns in the features}
     raw = enc.cached_features(ids)             # the run's own feature cache rows for these stimulus ids
 
@@ -17,9 +18,11 @@ seeds before building it). When the run's feature cache file still exists, the r
 fingerprint is checked against the one the cache was keyed with, so a backbone that differs from
 the run's never predicts silently.
 
-Runs whose head takes datamodule-transformed features (e.g. video runs: PCA + HRF per TR) have a
-head width different from the backbone's; they predict from such features only
-(``predict_features``/``predict_standardised``), not from images.
+The feature transform (``encoders.feature_transform``) is the one the run fitted and was scored with. For
+a video run it holds the frame stage (z-score and PCA of the frame features); images go through it, and
+then the standardisation and the head, leaving out the temporal stage (HRF, TR averaging), which only a
+time series has. A video run written before the transform was saved (no frame stage in head.pt) cannot
+predict from images (``predicts_images`` is False) and the image analyses refuse it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch
 
 from encoders.backbones import FrozenBackbone, build_backbone
 from encoders.feature_cache import weights_fingerprint
+from encoders.feature_transform import FeatureTransform
 from encoders.model import EncodingModel
 from encoders.run_dir import CONFIG, HEAD, RunDir
 
@@ -72,9 +76,27 @@ class TrainedEncoder:
         return int(self.model.n_features)
 
     @property
-    def takes_backbone_features(self) -> bool:
-        """True when the head reads the backbone's (concatenated, pooled) features directly."""
+    def transform(self) -> FeatureTransform:
+        return self.model.transform
+
+    @property
+    def has_frame_stage(self) -> bool:
+        """A video run's transform: frame z-score and PCA before the (skipped) temporal stage."""
+        return self.transform.has_frame_stage
+
+    @property
+    def predicts_images(self) -> bool:
+        """Whether images reach the head through the saved transform (False only for video runs written
+        before their frame stage was saved with the head)."""
+        if self.has_frame_stage:
+            return self.transform.n_backbone == self.backbone.n_features
         return self.n_features == self.backbone.n_features
+
+    @property
+    def takes_backbone_features(self) -> bool:
+        """True when the head reads the backbone's (concatenated, pooled) features directly, each column
+        only standardised (no frame stage): its weights are per backbone unit."""
+        return not self.has_frame_stage and self.n_features == self.backbone.n_features
 
     @property
     def feature_slices(self) -> dict[str, slice]:
@@ -88,11 +110,23 @@ class TrainedEncoder:
 
     # -- prediction --------------------------------------------------------
     @torch.no_grad()
-    def standardise(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Raw features (n, n_features) -> standardised with the run's training statistics, float32."""
-        x = torch.as_tensor(np.asarray(raw, dtype=np.float32) if not torch.is_tensor(raw) else raw).to(self.device)
+    def standardise(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Per-sample features (n, n_features) (what the run's standardisation was fitted on: the backbone's
+        features, or a video run's per-TR features) -> standardised with the run's statistics, float32."""
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(self.device)
         self._check_width(x)
         return self.model.features(x).cpu().numpy()
+
+    @torch.no_grad()
+    def head_inputs(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Backbone features (n, F) -> the head's input (n, n_features) float32 through the run's whole
+        image-side transform (a video run's frame stage, then the standardisation)."""
+        self._require_images("head_inputs")
+        x = torch.as_tensor(np.asarray(raw) if not torch.is_tensor(raw) else raw).to(self.device)
+        if x.ndim != 2 or x.shape[1] != self.backbone.n_features:
+            raise ValueError(f"{self.run_dir}: the transform takes (n, {self.backbone.n_features}) backbone "
+                             f"features, got {tuple(x.shape)}")
+        return self.transform.from_backbone(x).cpu().numpy()
 
     @torch.no_grad()
     def predict_standardised(self, z: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
@@ -104,9 +138,9 @@ class TrainedEncoder:
                for i in range(0, len(z), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.n_voxels), np.float32)
 
-    def predict_features(self, raw: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
-        """Raw features (n, n_features) -> predictions (n, n_voxels) float32 (standardise, then the head)."""
-        return self.predict_standardised(self.standardise(raw), batch_size)
+    def predict_features(self, x: np.ndarray | torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+        """Per-sample features (n, n_features) -> predictions (n, n_voxels) float32 (standardise, then the head)."""
+        return self.predict_standardised(self.standardise(x), batch_size)
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
@@ -114,16 +148,20 @@ class TrainedEncoder:
 
         Each image goes through the backbone's own transform (resize, crop, normalise).
         """
-        self._require_backbone_features("image_features")
+        self._require_images("image_features")
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([self.backbone.transform(np.asarray(im)) for im in images[start:start + batch_size]])
             out.append(self.backbone(batch.to(self.device)).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.backbone.n_features), np.float32)
 
+    def image_inputs(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """uint8 images -> the head's input (n, n_features) float32 (backbone, then ``head_inputs``)."""
+        return self.head_inputs(self.image_features(images, batch_size))
+
     def predict_images(self, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """uint8 images -> predicted responses (n, n_voxels) float32: the virtual fMRI of these images."""
-        return self.predict_features(self.image_features(images, batch_size))
+        return self.predict_standardised(self.image_inputs(images, batch_size))
 
     # -- the run's own features --------------------------------------------
     def cached_features(self, ids: np.ndarray) -> np.ndarray | None:
@@ -155,7 +193,13 @@ class TrainedEncoder:
     def _require_backbone_features(self, what: str) -> None:
         if not self.takes_backbone_features:
             raise ValueError(f"{self.run_dir}: {what} is not available: the head takes {self.n_features} "
-                             f"datamodule-transformed features, not the backbone's {self.backbone.n_features}")
+                             f"transformed features, not the backbone's {self.backbone.n_features} columns")
+
+    def _require_images(self, what: str) -> None:
+        if not self.predicts_images:
+            raise ValueError(f"{self.run_dir}: {what} is not available: the head takes {self.n_features} "
+                             f"datamodule-transformed features and the run saved no frame stage to map the "
+                             f"backbone's {self.backbone.n_features} to them (retrain it to predict from images)")
 
 
 def _read(run: RunDir) -> tuple[dict, dict]:
@@ -236,7 +280,9 @@ def load_trained(run_dir: str | os.PathLike | RunDir, device: str | torch.device
     except RuntimeError as err:
         raise ValueError(f"{run.file(HEAD)}: head weights do not fit {type(head).__name__} ({err})") from err
     model = EncodingModel(head, n_features, n_voxels, backbone=backbone)
-    model.feature_mean.copy_(torch.as_tensor(state["feature_mean"]))
-    model.feature_std.copy_(torch.as_tensor(state["feature_std"]))
+    if state.get("feature_transform") is not None:
+        model.transform = FeatureTransform.from_state(state["feature_transform"])
+    else:  # a run written before the transform was saved whole: the standardisation alone
+        model.transform.set_standardisation(torch.as_tensor(state["feature_mean"]), torch.as_tensor(state["feature_std"]))
     model.eval()
     return TrainedEncoder(model, config, run.info, run_dir, run).to(device)

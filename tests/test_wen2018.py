@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from analyses import stats
 from analyses.wen2018 import Wen2018Options, analyse_run, sweep_best_layer
 from datamodules.image_folder import category_folder
 from datamodules.synthetic_images import write_category_folder
+from encoders.run_dir import RunDir
 from encoders.trained import load_trained
 from tests.conftest import REPO
 
@@ -66,6 +68,22 @@ def test_load_trained_reproduces_the_run(trained_run):
     brick = StimulusBrick(NSDPaths(__import__("pathlib").Path(info["data"]["root"]), 1).stimuli)
     ids = preds["test_ids"][:16]
     np.testing.assert_allclose(enc.predict_images([brick.image(i) for i in ids]), preds["test_pred"][:16], atol=1e-4)
+    # the run's own images through RunDir.stimuli(): the same pixels
+    np.testing.assert_array_equal(RunDir(trained_run).stimuli().image(int(ids[0])), brick.image(int(ids[0])))
+    assert enc.predicts_images and enc.takes_backbone_features and not enc.has_frame_stage
+
+
+def test_a_head_pt_without_the_saved_transform_still_loads(trained_run, tmp_path):
+    """Runs written before head.pt held the whole transform: the standardisation alone, same predictions."""
+    copy = Path(shutil.copytree(trained_run, tmp_path / "old"))
+    state = torch.load(copy / "head.pt", weights_only=False)
+    del state["feature_transform"]
+    torch.save(state, copy / "head.pt")
+    preds = np.load(copy / "predictions.npz")
+    old, new = load_trained(copy), load_trained(trained_run)
+    raw = new.cached_features(preds["test_ids"])
+    np.testing.assert_array_equal(old.head_inputs(raw), new.head_inputs(raw))
+    np.testing.assert_allclose(old.predict_features(raw), preds["test_pred"], atol=1e-5)
 
 
 def test_load_trained_refuses_a_different_backbone_and_names_missing_files(trained_run, tmp_path):
