@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from analyses.outputs import write_csv
-from analyses.summary import summary_rows
+from analyses.jobs.outputs import write_csv
+from analyses.jobs.summary import summary_rows
 from encoders.run_dir import find_failed, find_runs
 from encoders.weights import WeightsError
 
@@ -81,11 +81,11 @@ def run_summary(cfg: DictConfig, target: Path) -> None:
 # FileNotFoundError or ValueError.
 ANALYSES = {
     "summary": run_summary,
-    "report": "analyses.report:run_report",
-    "wen2018": "analyses.wen2018:run_wen2018",
-    "clip_msm": "analyses.clip_msm:run_clip_msm",
-    "brainsail": "analyses.brainsail:run_brainsail",
-    "localizer": "analyses.localizer_job:run_localizer",
+    "report": "analyses.jobs.report:run_report",
+    "wen2018": "analyses.jobs.wen2018:run_wen2018",
+    "clip_msm": "analyses.jobs.clip_msm:run_clip_msm",
+    "brainsail": "analyses.jobs.brainsail:run_brainsail",
+    "localizer": "analyses.jobs.localizer:run_localizer",
 }
 
 

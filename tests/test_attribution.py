@@ -1,4 +1,4 @@
-"""Relevance maps, image-property correlates, agreement and caption probes (analyses.attribution)."""
+"""Relevance maps, image-property correlates, agreement and caption probes (analyses.methods.attribution)."""
 import colorsys
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from analyses import attribution as attr
+from analyses.methods import attribution as attr
 from datamodules.synthetic_images import CATEGORIES, draw_image
 from encoders.backbones import build_backbone
 from encoders.dense import dense_features

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analyses import attribution as attr
-from analyses.brainsail import BrainSAILOptions, analyse_run, load_captions
+from analyses.methods import attribution as attr
+from analyses.jobs.brainsail import BrainSAILOptions, analyse_run, load_captions
 from tests.conftest import REPO
 from train import train
 

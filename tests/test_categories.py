@@ -1,11 +1,11 @@
-"""analyses.categories against direct formulas, scipy and the Brain Connectivity Toolbox, with planted answers."""
+"""analyses.methods.categories against direct formulas, scipy and the Brain Connectivity Toolbox, with planted answers."""
 import bct
 import numpy as np
 import pytest
 import scipy.stats
 from sklearn.metrics import adjusted_rand_score
 
-from analyses import categories as cat
+from analyses.methods import categories as cat
 
 
 def responses_with_planted_dprime(n_per=40, seed=0):

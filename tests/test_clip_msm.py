@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import train
-from analyses.clip_msm import run_clip_msm
+from analyses.jobs.clip_msm import run_clip_msm
 from tests.conftest import REPO
 
 CONCEPTS = {"faces": "face", "bodies": "body", "places": "place", "words": "word", "food": "food"}

@@ -1,10 +1,10 @@
-"""analyses.layers: single-layer contributions and the best layer per voxel, on planted heads."""
+"""analyses.methods.layers: single-layer contributions and the best layer per voxel, on planted heads."""
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import r2_score as sk_r2
 
-from analyses import layers
+from analyses.methods import layers
 from encoders.backbones import build_backbone
 
 

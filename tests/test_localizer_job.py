@@ -17,8 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from analyses.localizer import image_means
-from analyses.localizer_job import LocalizerOptions, analyse, read_region_trials, read_run, region_masks, run_localizer
+from analyses.methods.localizer import image_means
+from analyses.jobs.localizer import LocalizerOptions, analyse, read_region_trials, read_run, region_masks, run_localizer
 from datamodules.image_folder import category_folder, read_image
 from tests.conftest import REPO
 

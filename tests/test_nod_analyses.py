@@ -11,12 +11,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from analyses.brainsail import BrainSAILOptions
-from analyses.brainsail import analyse_run as brainsail_run
-from analyses.clip_msm import Options as ClipMSMOptions
-from analyses.clip_msm import analyse_run as clip_msm_run
-from analyses.wen2018 import Wen2018Options
-from analyses.wen2018 import analyse_run as wen2018_run
+from analyses.jobs.brainsail import BrainSAILOptions
+from analyses.jobs.brainsail import analyse_run as brainsail_run
+from analyses.jobs.clip_msm import Options as ClipMSMOptions
+from analyses.jobs.clip_msm import analyse_run as clip_msm_run
+from analyses.jobs.wen2018 import Wen2018Options
+from analyses.jobs.wen2018 import analyse_run as wen2018_run
 from datamodules.nod import load_nod_subject
 from datamodules.synthetic_images import write_category_folder
 from datamodules.synthetic_nod import ensure_synthetic_nod

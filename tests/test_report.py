@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from scipy import stats
 
-from analyses.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
-from analyses.report import ALL_VOXELS, build_report, common_voxels, learning_curve, paired_test
+from analyses.jobs.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
+from analyses.jobs.report import ALL_VOXELS, build_report, common_voxels, learning_curve, paired_test
 from tests.conftest import REPO
 from train import train
 

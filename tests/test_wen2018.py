@@ -17,9 +17,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from analyses import categories as cat
-from analyses import stats
-from analyses.wen2018 import Wen2018Options, analyse_run, sweep_best_layer
+from analyses.methods import categories as cat
+from analyses.methods import stats
+from analyses.jobs.wen2018 import Wen2018Options, analyse_run, sweep_best_layer
 from datamodules.image_folder import category_folder
 from datamodules.synthetic_images import write_category_folder
 from encoders.run_dir import RunDir
@@ -260,7 +260,7 @@ def test_semantic_similarity_from_the_runs_clip_text_tower(tmp_path):
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from analyses.wen2018 import semantic_matrix
+    from analyses.jobs.wen2018 import semantic_matrix
     from encoders.backbones import get_spec
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ run's own datamodule (``RunDir.stimuli()``), or every image of ``image_dir``. Pe
 features (``encoders.dense``: MaskCLIP / NACLIP last block, ``method=auto`` = NACLIP for CLIP ViTs, MaskCLIP
 otherwise) are distilled over ``n_views`` shifted / flipped views (``encoders.distill``), unit-normalised per
 patch when the run normalised its embeddings, and the run's head is applied to every patch
-(``analyses.attribution``). Written to ``<run_dir>/<out_subdir>/``:
+(``analyses.methods.attribution``). Written to ``<run_dir>/<out_subdir>/``:
 
 * ``overlays/<column>.png``: the ``top_k`` images with the highest predicted response of the column (ROI
   mean, or ``voxel<i>``), each with its relevance map overlaid (map upsampled to the image, min-max scaled).
@@ -36,8 +36,8 @@ import torch
 import yaml
 from rich.console import Console
 
-from analyses import attribution as attr
-from analyses.outputs import pyplot, write_csv
+from analyses.methods import attribution as attr
+from analyses.jobs.outputs import pyplot, write_csv
 from datamodules.errors import DataError
 from datamodules.image_folder import image_files, read_image
 from encoders.distill import FILLS, distill, make_views

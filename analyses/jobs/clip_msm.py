@@ -21,7 +21,7 @@ head=ridge or head=linear. Per run, written to ``<run_dir>/clip_msm/``:
   localizer map, for MSM and for hard-label CLIP-Dissect (one-hot maps) (Fig. 6);
 - ``similarities.csv``: the same agreement figures for the similarities in ``analysis.compare``;
 - ``training_curve.csv`` + ``.png``: test accuracy of ridge refits on nested subsets of the training
-  images (Fig. 2B), see :mod:`analyses.training_curve`;
+  images (Fig. 2B), see :mod:`analyses.methods.training_curve`;
 - ``summary.json``.
 
 With a sweep_dir holding runs of >= 2 subjects (same backbone, head, dataset), ``clip_msm_localizer_paired_*``
@@ -30,7 +30,7 @@ r(CLIP-Dissect) per concept, and ``clip_msm_training_curve.png`` overlays every 
 
 Q = I·Wᵀ: I are the run's own image features (the embedding as its backbone computed it) and W the head's
 weights mapped back from the standardised features to those raw features, W_raw = W/σ (see
-:func:`analyses.dissect.raw_space_weights`); the bias and the standardisation offset are constant per
+:func:`analyses.methods.dissect.raw_space_weights`); the bias and the standardisation offset are constant per
 voxel and do not enter Q. P = norm(I)·norm(T)ᵀ with T from the same open_clip model's text tower
 (:mod:`encoders.text`), or from ``analysis.concept_embeddings``.
 
@@ -52,8 +52,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from analyses import dissect
-from analyses.outputs import pyplot, write_csv
+from analyses.methods import dissect
+from analyses.jobs.outputs import pyplot, write_csv
 from datamodules.errors import DataError
 from datamodules.image_folder import ImageFolder, image_files
 from encoders.run_dir import RunDir, require_runs
@@ -502,7 +502,7 @@ def top_images_per_roi(acts, labels: np.ndarray, rois: dict[str, np.ndarray], la
 
 def training_curve(run: RunEncoder, opts: Options) -> dict:
     """Ridge refits on nested subsets of the run's training images, scored on its test images."""
-    from analyses.training_curve import resolve_sizes, training_size_curve
+    from analyses.methods.training_curve import resolve_sizes, training_size_curve
 
     enc, run_dir = run.enc, run.run.path
     try:

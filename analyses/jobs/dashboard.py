@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from analyses.report import progress_bar
+from analyses.jobs.report import progress_bar
 
 ROI_COLUMNS = ("r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan")
 
@@ -78,7 +78,7 @@ class Logged:
 
 def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Path | None = None,
                         mode: str | None = None, progress: bool = True) -> Logged:
-    """Log every run of ``report`` (an analyses.report.Report) and its figures to W&B.
+    """Log every run of ``report`` (an analyses.jobs.report.Report) and its figures to W&B.
 
     wandb_dir: where the W&B files go (default: the report's sweep directory, under ``wandb/``);
     mode: "offline" | "online" | "disabled" (default wandb_mode()).

@@ -48,9 +48,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from analyses import localizer as loc
-from analyses.outputs import pyplot, write_csv
-from analyses.categories import CategoryStats
+from analyses.methods import localizer as loc
+from analyses.jobs.outputs import pyplot, write_csv
+from analyses.methods.categories import CategoryStats
 from datamodules.image_folder import category_folder, read_image
 from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json

@@ -240,7 +240,7 @@ def build_report(directory: str | Path, out_dir: str | Path | None = None, split
     names the two backbones to plot against each other (default: the first two of each group);
     test is ttest_rel or wilcoxon. Raises FileNotFoundError when there is neither a run nor a failed job.
     """
-    from analyses import report_figures, report_html
+    from analyses.jobs import report_figures, report_html
 
     directory = Path(directory)
     if metric not in METRICS:
@@ -336,7 +336,7 @@ def run_report(cfg, target: Path) -> Report:
     console.print(f"wrote {report.html} ({len(report.runs)} runs, {len(report.failed)} failed jobs, "
                   f"{len(report.figures)} figures, {sum(len(t['rows']) for t in report.tests)} paired tests)")
     if a.get("wandb", False):
-        from analyses.dashboard import log_report_to_wandb
+        from analyses.jobs.dashboard import log_report_to_wandb
         logged = log_report_to_wandb(report, project=a.get("wandb_project", "brainprobe"),
                                      wandb_dir=a.get("wandb_dir") or target)
         console.print(f"W&B ({logged.mode}): {len(logged.run_dirs)} runs under {logged.wandb_dir}"

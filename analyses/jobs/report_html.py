@@ -129,7 +129,7 @@ def _href(path: Path, out_dir: Path) -> str:
 
 def render(*, directory: Path, out_dir: Path, runs, failed, figures, roi_stats, tests, rois, split: str,
            metric_label: str, test: str, epochs: dict[str, int | None]) -> str:
-    """The report page as a string (see analyses.report.build_report for the arguments; epochs: run
+    """The report page as a string (see analyses.jobs.report.build_report for the arguments; epochs: run
     name -> number of logged epochs, None without a CSV log)."""
     run_rows = []
     for run in runs:

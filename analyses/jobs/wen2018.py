@@ -46,14 +46,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from analyses import categories as cat
-from analyses.outputs import write_csv
+from analyses.methods import categories as cat
+from analyses.jobs.outputs import write_csv
 from datamodules.errors import DataError
 from datamodules.image_folder import category_folder, read_image
 from encoders.run_dir import RunDir, require_runs
 from encoders.run_record import write_json
 
-# analyses.stats and analyses.layers (torch) are imported inside the functions that use them: analyze.py
+# analyses.methods.stats and analyses.methods.layers (torch) are imported inside the functions that use them: analyze.py
 # imports this module for every analysis, and `analysis=summary` should not pay for torch.
 
 SIGNIFICANCE = ("auto", "bootstrap", "permutation")
@@ -158,7 +158,7 @@ def read_run(run: RunDir | Path, split: str = "test", rois: Sequence[str] | None
 
 def accuracy(run: RunData, opts: Wen2018Options) -> dict:
     """Per-voxel r, R², p, FDR-adjusted p and significance, and the per-ROI table."""
-    from analyses import stats
+    from analyses.methods import stats
 
     r = stats.pearson_r(run.pred, run.true)
     r2 = stats.r2_score(run.pred, run.true)
@@ -244,7 +244,7 @@ def test_features(enc, run: RunData) -> np.ndarray | None:
 
 def best_layer_analysis(enc, raw: np.ndarray, run: RunData, opts: Wen2018Options) -> dict:
     """Single-layer scores (n_layers, n_voxels), best layer per voxel, counts per ROI."""
-    from analyses import layers as lay
+    from analyses.methods import layers as lay
 
     slices = enc.feature_slices
     z = enc.head_inputs(raw)
@@ -256,7 +256,7 @@ def best_layer_analysis(enc, raw: np.ndarray, run: RunData, opts: Wen2018Options
 
 def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
     """best_layer.csv (voxels per best layer and mean layer index per ROI) and best_layer.png."""
-    from analyses import layers as lay
+    from analyses.methods import layers as lay
 
     header = ["roi", "n_voxels", "mean_layer_index"] + [f"n_{name}" for name in res["layers"]]
     rows = []
@@ -284,7 +284,7 @@ def resolve_image_dir(run: RunData, opts: Wen2018Options) -> Path | None:
 def virtual_fmri(enc, files: Sequence[Path], labels: np.ndarray, n_categories: int, per_layer: bool,
                  batch_size: int = 32) -> tuple[cat.CategoryStats, dict[str, cat.CategoryStats]]:
     """Predicted responses to every image, accumulated per category (and per single layer), batch by batch."""
-    from analyses import layers as lay
+    from analyses.methods import layers as lay
 
     stats_all = cat.CategoryStats(n_categories, enc.n_voxels)
     slices = enc.feature_slices if per_layer else {}
@@ -393,7 +393,7 @@ def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic
     """Virtual fMRI of the images (``category_folder(image_dir)``) and the category organisation, compared with
     ``semantic`` (``semantic_matrix``, or None); writes dprime.csv/.png, category_maps.npz, categories.json,
     similarity.png, layers_categories.csv/.png. Returns (categories.json's content, per-voxel arrays, files)."""
-    from analyses import stats
+    from analyses.methods import stats
 
     files: list[Path] = []
     paths, labels, names = images
@@ -534,7 +534,7 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
     Runs are grouped by (backbone, head, dataset, subject); a group needs >= 2 runs with different single
     layers and the same voxels. Writes wen2018_best_layer_<backbone>_<head>.csv/png into out_dir.
     """
-    from analyses import layers as lay
+    from analyses.methods import layers as lay
     from encoders.backbones import REGISTRY
 
     groups: dict[tuple, list[tuple[str, RunDir]]] = defaultdict(list)
@@ -636,13 +636,13 @@ def _log_wandb(run: RunDir, info: dict, files: list[Path], opts: Wen2018Options)
     """Log the figures (wandb.Image) and tables (wandb.Table) to a W&B run in the run's group.
 
     wandb "auto": only if the run trained with logger=wandb; true/false force it. Offline unless
-    WANDB_API_KEY is set or WANDB_MODE says otherwise (analyses.dashboard.wandb_mode, as train.py).
+    WANDB_API_KEY is set or WANDB_MODE says otherwise (analyses.jobs.dashboard.wandb_mode, as train.py).
     Returns the W&B run directory, or None when nothing was logged.
     """
     choice = str(opts.wandb).lower()
     if choice in ("false", "none", "off"):
         return None
-    from analyses.dashboard import run_group, run_tags, wandb_mode
+    from analyses.jobs.dashboard import run_group, run_tags, wandb_mode
 
     run_dir = run.path
     config = run.config

@@ -216,7 +216,7 @@ def text_embeddings(backbone, captions: Sequence[str]) -> np.ndarray:
 
     ValueError (one line) if the backbone has no text tower or its tokenizer cannot be loaded.
     """
-    from analyses.categories import clip_text_embeddings
+    from analyses.methods.categories import clip_text_embeddings
 
     if not hasattr(backbone.model, "encode_text"):
         raise ValueError(f"backbone '{backbone.spec.name}' has no text tower")

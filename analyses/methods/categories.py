@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 
-from analyses.outputs import pyplot
+from analyses.jobs.outputs import pyplot
 
 __all__ = [
     "CategoryStats", "category_maps", "dprime", "selectivity", "top_categories", "roi_profile",
