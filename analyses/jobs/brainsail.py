@@ -46,7 +46,7 @@ from encoders.run_record import write_json
 
 log = logging.getLogger(__name__)
 
-CAPTIONS_DIR = Path(__file__).resolve().parents[1] / "conf" / "captions"
+CAPTIONS_DIR = Path(__file__).resolve().parents[2] / "conf" / "captions"
 # conf/analysis/brainsail.yaml (group, key) -> BrainSAILOptions field
 CONFIG_KEYS = {("dense", "method"): "method", ("dense", "sigma"): "sigma", ("dense", "image_size"): "image_size",
                ("distill", "n_views"): "n_views", ("distill", "max_shift"): "max_shift",
