@@ -44,6 +44,7 @@ from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, s
 from encoders.model import EncodingModel  # noqa: E402
 from encoders.run_dir import CONFIG, LAST_CHECKPOINT, RunDir  # noqa: E402
 from encoders.run_record import git_commit, package_versions  # noqa: E402
+from encoders.wandb_mode import wandb_offline  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
 from encoders.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("brainprobe.train")
@@ -54,14 +55,6 @@ class ConfigError(ValueError):
 
 
 USER_ERRORS = (DataError, WeightsError, ConfigError)
-
-
-def wandb_offline() -> bool:
-    """W&B runs offline unless a key is set or WANDB_MODE asks for online: never blocks on the network."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode:
-        return mode in ("offline", "disabled", "dryrun")
-    return not os.environ.get("WANDB_API_KEY")
 
 
 def wandb_group(single_run_group: str) -> str:

@@ -287,6 +287,34 @@ class RunDir:
         """Lightning's CSV log of the run (may not exist)."""
         return self.path / CSV_LOG
 
+    def learning_curve(self) -> dict[str, np.ndarray] | None:
+        """Per-epoch curves from the run's Lightning CSV log (csv/metrics.csv), or None without one.
+
+        Returns {"epoch": (e,), "train/loss": (e,), "val/loss": (e,), "val/r_mean": (e,)}, NaN where an
+        epoch did not log a key. Closed-form heads log one validation row (a single "epoch").
+        """
+        import csv
+
+        if not self.csv_log.exists():
+            return None
+        keys = ("train/loss", "val/loss", "val/r_mean")
+        per_epoch: dict[int, dict[str, float]] = {}
+        with open(self.csv_log, newline="") as f:
+            for row in csv.DictReader(f):
+                if not row.get("epoch"):
+                    continue
+                entry = per_epoch.setdefault(int(float(row["epoch"])), {})
+                for key in keys:
+                    if row.get(key) not in (None, ""):
+                        entry[key] = float(row[key])
+        epochs = sorted(e for e, v in per_epoch.items() if v)
+        if not epochs:
+            return None
+        out = {"epoch": np.array(epochs)}
+        for key in keys:
+            out[key] = np.array([per_epoch[e].get(key, np.nan) for e in epochs])
+        return out
+
     @property
     def feature_cache_file(self) -> Path | None:
         """The feature cache file the run read its features from, if it used one and it still exists."""

@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from analyses.methods.localizer import image_means
-from analyses.jobs.localizer import LocalizerOptions, analyse, read_region_trials, read_run, region_masks, run_localizer
+from analyses.jobs.base import run_job
+from analyses.jobs.localizer import LocalizerOptions, analyse, read_region_trials, read_run, region_masks
 from datamodules.image_folder import category_folder, read_image
 from tests.conftest import REPO
 
@@ -68,7 +69,7 @@ def analyze_cfg(overrides):
 def test_localizer_on_two_synthetic_subjects(sweep, tmp_path):
     cfg = analyze_cfg(["analysis=localizer", f"sweep_dir={sweep}", f"paths.data_dir={tmp_path}",
                        "analysis.n_boot=60", "analysis.lesion_n_random=2"])
-    run_localizer(cfg, sweep)
+    run_job(cfg, sweep)
     out = sweep / "localizer"
     for name in ("unit_counts.csv", "unit_counts.png", "units.npz", "overlap.csv", "comparison.csv", "ceiling.csv",
                  "comparison.png", "lesions.csv", "lesions.png", "localizer.json"):

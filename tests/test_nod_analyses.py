@@ -13,7 +13,7 @@ from rich.console import Console
 
 from analyses.jobs.brainsail import BrainSAILOptions
 from analyses.jobs.brainsail import analyse_run as brainsail_run
-from analyses.jobs.clip_msm import Options as ClipMSMOptions
+from analyses.jobs.clip_msm import ClipMSMOptions
 from analyses.jobs.clip_msm import analyse_run as clip_msm_run
 from analyses.jobs.wen2018 import Wen2018Options
 from analyses.jobs.wen2018 import analyse_run as wen2018_run

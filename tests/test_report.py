@@ -18,7 +18,10 @@ from omegaconf import open_dict
 from scipy import stats
 
 from analyses.jobs.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
-from analyses.jobs.report import ALL_VOXELS, build_report, common_voxels, learning_curve, paired_test
+from analyses.jobs.report import ALL_VOXELS, build_report
+from analyses.methods.stats import paired_test
+from analyses.methods.voxels import common_voxels
+from encoders.run_dir import RunDir
 from tests.conftest import REPO
 from train import train
 
@@ -188,14 +191,14 @@ def test_common_voxels_matches_by_coordinates():
 
 def test_learning_curves_come_from_the_lightning_csv_log(sweep):
     import csv
-    curve = learning_curve(sweep / "0_tiny_linear")
+    curve = RunDir(sweep / "0_tiny_linear").learning_curve()
     assert list(curve["epoch"]) == list(range(EPOCHS))
     with open(sweep / "0_tiny_linear" / "csv" / "metrics.csv") as f:
         val_r = [float(r["val/r_mean"]) for r in csv.DictReader(f) if r["val/r_mean"]]
     np.testing.assert_allclose(curve["val/r_mean"], val_r)
     assert np.isfinite(curve["train/loss"]).all() and np.isfinite(curve["val/loss"]).all()
-    assert len(learning_curve(sweep / "1_tiny_ridge")["epoch"]) == 1  # closed form: one validation, no epochs
-    assert learning_curve(sweep / "4_tiny_mlp") is None
+    assert len(RunDir(sweep / "1_tiny_ridge").learning_curve()["epoch"]) == 1  # closed form: one validation, no epochs
+    assert RunDir(sweep / "4_tiny_mlp").learning_curve() is None
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ voxel, virtual fMRI and the category organisation of cortex.
                                                                             #   of the best layer
 
 Library use (no Hydra): ``analyse_run(run_dir, Wen2018Options(...))`` and
-``sweep_best_layer(run_dirs, out_dir, split)``.
+``sweep_best_layer(run_dirs, out_dir, split)``; the job (``Wen2018Job``) computes everything of a run
+(``compute``) before it writes anything (``write``). The statistics are the methods' (``analyses.methods``:
+stats, layers, categories); the figures are in ``analyses.jobs.wen2018_figures``.
 
 Per run, into ``<run_dir>/wen2018/`` (the README's "Wen 2018 analyses" lists every file):
 
@@ -21,7 +23,9 @@ Per run, into ``<run_dir>/wen2018/`` (the README's "Wen 2018 analyses" lists eve
 * virtual fMRI: predicted responses to a folder of images with one sub-folder per category
   (``image_dir``; for a run on the synthetic dataset it defaults to freshly drawn images of its six
   categories, written once under ``<data_dir>/virtual_fmri/``): category maps, d' per voxel and
-  ROI, the voxel's selectivity (max d') and top categories. -> dprime.csv, dprime.png, category_maps.npz
+  ROI, the voxel's selectivity (max d') and top categories. Images go through the run's saved
+  transform (``TrainedEncoder.image_inputs``): for a video run its frame z-score and PCA, without the
+  HRF and TR averaging, as Wen et al. predicted responses to images. -> dprime.csv, dprime.png, category_maps.npz
 * category organisation: Pearson similarity of the category maps over the predictable voxels
   (significant and r > ``predictable_r``), k-means clusters with the k of highest signed modularity
   Q, Q's permutation p-value; correlation with a semantic similarity (a CSV or CLIP text embeddings);
@@ -34,36 +38,38 @@ by held-out accuracy -> ``<sweep_dir>/wen2018_best_layer_<backbone>_<head>.csv/p
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from analyses.methods import categories as cat
+from analyses.jobs import wen2018_figures as figures
+from analyses.jobs.base import Job, JobOptions
+from analyses.jobs.console import fmt
 from analyses.jobs.outputs import write_csv
+from analyses.methods import categories as cat
 from datamodules.errors import DataError
 from datamodules.image_folder import category_folder, read_image
-from encoders.run_dir import RunDir, require_runs
+from encoders.run_dir import RunDir
 from encoders.run_record import write_json
 
-# analyses.methods.stats and analyses.methods.layers (torch) are imported inside the functions that use them: analyze.py
-# imports this module for every analysis, and `analysis=summary` should not pay for torch.
+# analyses.methods.stats and analyses.methods.layers (torch) are imported inside the functions that use them.
 
 SIGNIFICANCE = ("auto", "bootstrap", "permutation")
-# (group, key) in conf/analysis/wen2018.yaml -> Wen2018Options field, where the two differ
-CONFIG_ALIASES = {("significance", "method"): "significance", ("semantic", "source"): "semantic"}
 
 
 @dataclass
-class Wen2018Options:
-    """Every knob of the analysis (conf/analysis/wen2018.yaml documents each)."""
+class Wen2018Options(JobOptions):
+    """Every knob of the analysis (conf/analysis/wen2018.yaml documents each; its groups are flattened)."""
+
+    JOB = "wen2018"
+    GROUPS = ("significance", "layers", "virtual_fmri", "clustering", "semantic")
+    ALIASES = {("significance", "method"): "significance", ("semantic", "source"): "semantic"}
 
     split: str = "test"
     significance: str = "auto"
@@ -93,28 +99,10 @@ class Wen2018Options:
     out_subdir: str = "wen2018"
     wandb: str = "auto"
     device: str = "cpu"
-    notes: list[str] = field(default_factory=list)
 
-    @classmethod
-    def from_config(cls, analysis: dict, data_dir: str | None = None) -> "Wen2018Options":
-        """From conf/analysis/wen2018.yaml's nested groups (as a plain dict)."""
-        flat = {}
-        for key, value in analysis.items():
-            if isinstance(value, dict):
-                flat.update({CONFIG_ALIASES.get((key, k), k): v for k, v in value.items()})
-            else:
-                flat[key] = value
-        flat.pop("name", None)
-        if data_dir is not None:
-            flat.setdefault("data_dir", data_dir)
-        known = {f.name for f in fields(cls)} - {"notes"}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ValueError(f"analysis: unknown wen2018 option(s) {unknown}")
-        opts = cls(**{k: v for k, v in flat.items() if k in known})
-        if opts.significance not in SIGNIFICANCE:
-            raise ValueError(f"analysis.significance.method must be one of {SIGNIFICANCE}, got {opts.significance!r}")
-        return opts
+    def check(self) -> None:
+        if self.significance not in SIGNIFICANCE:
+            raise ValueError(f"analysis.significance.method must be one of {SIGNIFICANCE}, got {self.significance!r}")
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -197,34 +185,6 @@ def accuracy(run: RunData, opts: Wen2018Options) -> dict:
             "nc_r": nc_r, "header": header, "rows": rows, "summary": summary}
 
 
-def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
-    """Histogram of r (all voxels vs FDR-significant) and per-ROI mean r ± SE with the significant share."""
-    plt = cat.pyplot()
-    r, sig = acc["r"], acc["significant"]
-    rows = [row for row in acc["rows"] if row[0] != "all"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2]})
-    finite = np.isfinite(r)
-    bins = np.linspace(min(-0.2, np.nanmin(r) if finite.any() else 0), 1, 40)
-    axes[0].hist(r[finite], bins=bins, color="0.7", label="all")
-    axes[0].hist(r[finite & sig], bins=bins, color="tab:red", label=f"FDR q<{acc['summary']['q']}")
-    axes[0].set_xlabel("test r")
-    axes[0].set_ylabel("voxels")
-    axes[0].legend(fontsize=8)
-    names = [row[0] for row in rows]
-    means = np.array([row[6] for row in rows], dtype=float)
-    ses = np.array([row[7] for row in rows], dtype=float)
-    axes[1].bar(range(len(rows)), means, yerr=np.nan_to_num(ses), color="tab:blue", capsize=2)
-    for i, row in enumerate(rows):
-        axes[1].text(i, 0, f"{row[3]}/{row[1]}", rotation=90, ha="center", va="bottom", fontsize=6, color="white")
-    axes[1].set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
-    axes[1].set_ylabel("mean r ± SE (significant/voxels)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------- best layer
 
 
@@ -252,22 +212,6 @@ def best_layer_analysis(enc, raw: np.ndarray, run: RunData, opts: Wen2018Options
     best = lay.best_layer(scores)
     counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **run.rois}, len(slices))
     return {"layers": list(slices), "scores": scores, "best": best, "counts": counts}
-
-
-def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
-    """best_layer.csv (voxels per best layer and mean layer index per ROI) and best_layer.png."""
-    from analyses.methods import layers as lay
-
-    header = ["roi", "n_voxels", "mean_layer_index"] + [f"n_{name}" for name in res["layers"]]
-    rows = []
-    for roi, counts in res["counts"].items():
-        total = int(counts.sum())
-        mean = float((counts * np.arange(len(counts))).sum() / total) if total else float("nan")
-        rows.append([roi, total, mean, *[int(c) for c in counts]])
-    csv_path = write_csv(out / "best_layer.csv", header, rows)
-    png = lay.plot_best_layer_per_roi({k: v for k, v in res["counts"].items()}, res["layers"],
-                                      out / "best_layer.png", title)
-    return [csv_path, png]
 
 
 # ----------------------------------------------------------------------------- images by category
@@ -302,15 +246,40 @@ def virtual_fmri(enc, files: Sequence[Path], labels: np.ndarray, n_categories: i
 # ----------------------------------------------------------------------------- category organisation
 
 
+def load_similarity_csv(path: str | Path, names: Sequence[str]) -> np.ndarray:
+    """A user-supplied (C, C) similarity matrix from a CSV whose header row and first column are category
+    names (any order, at least ``names``), reordered to ``names``. ValueError naming the file otherwise."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: semantic similarity CSV not found")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = [h.strip() for h in rows[0][1:]]
+    index = {r[0].strip(): r[1:] for r in rows[1:]}
+    missing = [n for n in names if n not in header or n not in index]
+    if missing:
+        raise ValueError(f"{path}: categories {missing} missing from the header row or first column")
+    col = {h: j for j, h in enumerate(header)}
+    try:
+        mat = np.array([[float(index[a][col[b]]) for b in names] for a in names])
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"{path}: not a numeric similarity matrix ({err})") from err
+    if not np.allclose(mat, mat.T, equal_nan=True):
+        raise ValueError(f"{path}: the similarity matrix is not symmetric")
+    return mat
+
+
 def semantic_matrix(enc, names: Sequence[str], opts: Wen2018Options) -> tuple[np.ndarray, str] | None:
-    """The semantic similarity to compare with: a CSV (``semantic`` = path) or CLIP text embeddings (``clip``)."""
+    """The semantic similarity to compare with: a CSV (``semantic`` = path) or CLIP text embeddings (``clip``:
+    the run's own text tower when its backbone is an open_clip model, else ``clip_backbone``'s)."""
     if not opts.semantic:
         return None
     if str(opts.semantic).lower() != "clip":
-        return cat.load_similarity_csv(opts.semantic, names), str(opts.semantic)
-    import open_clip
-
+        return load_similarity_csv(opts.semantic, names), str(opts.semantic)
     from encoders.backbones import build_backbone, get_spec
+    from encoders.text import TextEncoder, tokenizer_for
 
     if enc.backbone.spec.library == "open_clip":
         model, spec = enc.backbone.model, enc.backbone.spec
@@ -323,7 +292,7 @@ def semantic_matrix(enc, names: Sequence[str], opts: Wen2018Options) -> tuple[np
             model = build_backbone(opts.clip_backbone, pretrained=True).model
         except Exception as err:  # noqa: BLE001  (WeightsError: not cached, no network)
             raise ValueError(f"analysis.semantic=clip: {err}") from err
-    emb = cat.clip_text_embeddings(model, open_clip.get_tokenizer(spec.model_id), names, opts.clip_template)
+    emb = TextEncoder(model, tokenizer_for(spec, model), spec.name).encode(names, [opts.clip_template])
     return cat.cosine_similarity(emb), f"CLIP text ({spec.name}, '{opts.clip_template}')"
 
 
@@ -364,175 +333,218 @@ def category_organisation(stats_all: cat.CategoryStats, stats_layer: dict[str, c
     return out
 
 
-def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndarray, path: Path, title: str) -> Path:
-    """One similarity matrix per layer (categories ordered by cluster) and Q per layer."""
-    plt = cat.pyplot()
-    names_l = list(layers_block)
-    order = np.argsort(labels, kind="stable")
-    fig, axes = plt.subplots(1, len(names_l) + 1, figsize=(2.6 * (len(names_l) + 1), 3))
-    for ax, name in zip(axes, names_l):
-        ax.imshow(np.asarray(layers_block[name]["similarity"])[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_title(f"{name}\nQ={layers_block[name]['q']:.2f}", fontsize=8)
-        ax.set_xticks(range(len(names)), [names[i] for i in order], rotation=90, fontsize=6)
-        ax.set_yticks(range(len(names)), [names[i] for i in order], fontsize=6)
-    axes[-1].plot(range(len(names_l)), [layers_block[n]["q"] for n in names_l], "o-")
-    axes[-1].set_xticks(range(len(names_l)), names_l, rotation=45, fontsize=7)
-    axes[-1].set_ylabel("signed modularity Q")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- one run
-
-
-def write_categories(enc, run: RunData, image_dir: Path, images: tuple, semantic: tuple | None, acc: dict,
-                     opts: Wen2018Options, out: Path, title: str, console: Console) -> tuple[dict, dict, list[Path]]:
-    """Virtual fMRI of the images (``category_folder(image_dir)``) and the category organisation, compared with
-    ``semantic`` (``semantic_matrix``, or None); writes dprime.csv/.png, category_maps.npz, categories.json,
-    similarity.png, layers_categories.csv/.png. Returns (categories.json's content, per-voxel arrays, files)."""
+def compute_categories(enc, run: RunData, images: tuple, semantic: tuple | None, acc: dict,
+                       opts: Wen2018Options) -> dict:
+    """Virtual fMRI of ``images`` (``category_folder``'s files, labels, names) and the category organisation,
+    compared with ``semantic`` (``semantic_matrix``, or None): d', selectivity, the per-ROI table and
+    categories.json's content."""
     from analyses.methods import stats
 
-    files: list[Path] = []
     paths, labels, names = images
     stats_all, stats_layer = virtual_fmri(enc, paths, labels, len(names),
                                           per_layer=len(enc.layers) >= 2 and enc.takes_backbone_features,
                                           batch_size=opts.batch_size)
     d = stats_all.dprime()
     sel, pref = cat.selectivity(d)
-    voxels = dict(dprime=d, selectivity=sel, preferred=pref, category_maps=stats_all.means)
     rois = {"all": np.ones(d.shape[1], bool), **run.rois}
     profile = cat.roi_profile(d, rois)
     sel_summary = stats.roi_summary(sel, rois)
     header = ["roi", "n_voxels", "top_category", "selectivity_mean", "selectivity_se"] + [f"dprime_{n}" for n in names]
     rows = [[roi, int(rois[roi].sum()), names[int(np.nanargmax(v))] if np.isfinite(v).any() else "",
              sel_summary[roi]["mean"], sel_summary[roi]["se"], *v.tolist()] for roi, v in profile.items()]
-    files.append(write_csv(out / "dprime.csv", header, rows))
-    files.append(cat.plot_roi_profile({k: v for k, v in profile.items()}, names, out / "dprime.png",
-                                      f"mean d' per ROI ({len(paths)} images) — {title}"))
-    np.savez_compressed(out / "category_maps.npz", maps=stats_all.means.astype(np.float32),
-                        dprime=d.astype(np.float32), names=np.array(names), counts=stats_all.counts)
-    files.append(out / "category_maps.npz")
-    _print_dprime(console, rows)
     organisation = category_organisation(stats_all, stats_layer, names, acc, semantic, opts)
-    organisation["image_dir"] = str(image_dir)
+    return {"names": names, "n_images": len(paths), "dprime": d, "means": stats_all.means, "counts": stats_all.counts,
+            "voxels": dict(dprime=d, selectivity=sel, preferred=pref, category_maps=stats_all.means),
+            "profile": profile, "header": header, "rows": rows, "organisation": organisation}
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class Wen2018Result:
+    """Everything one run's analysis found (nothing of it written yet)."""
+
+    run: RunData
+    title: str
+    accuracy: dict
+    best_layer: dict | None = None
+    categories: dict | None = None
+    voxels: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Wen2018Job(Job):
+    """Wen et al. 2018's analyses of every run (see the module docstring)."""
+
+    name = "wen2018"
+    Options = Wen2018Options
+
+    def load_encoder(self, run: RunDir, notes: list[str]):
+        """The run's TrainedEncoder for image-based analyses, or None (with a note) when images cannot reach
+        its head."""
+        enc = run.encoder(device=self.options.device)
+        if not enc.predicts_images:
+            notes.append("best layer and virtual fMRI: the run's head reads datamodule-transformed features "
+                         "(e.g. video PCA + HRF), and the run saved no frame stage to map image features to them")
+            return None
+        return enc
+
+    def compute(self, run: RunDir) -> Wen2018Result:
+        """Every analysis of one run; every input is read and checked here, before anything is written."""
+        opts = self.options
+        data = read_run(run, opts.split, opts.rois)
+        notes: list[str] = []
+        enc = self.load_encoder(run, notes)
+        image_dir = resolve_image_dir(data, opts) if enc is not None else None
+        images = category_folder(image_dir) if image_dir is not None else None
+        semantic = semantic_matrix(enc, images[2], opts) if images is not None else None
+        title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run.path.name}"
+
+        acc = accuracy(data, opts)
+        result = Wen2018Result(data, title, acc, notes=notes,
+                               voxels={k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r")})
+        n_blocks = acc["summary"].get("n_blocks")
+        if n_blocks is not None and math.factorial(min(n_blocks, 20)) * opts.q < 1:
+            notes.append(f"significance: {n_blocks} blocks of {opts.block} samples have only {math.factorial(n_blocks)} "
+                         f"orders, so no p-value can reach q={opts.q}; lower analysis.significance.block")
+        if enc is not None and len(enc.layers) >= 2 and data.is_time_series:
+            notes.append("best layer: not available for time-series runs (the head reads HRF-convolved features per TR, "
+                         "which the run does not keep per layer)")
+        elif enc is not None and len(enc.layers) >= 2:
+            raw = test_features(enc, data)
+            if raw is None:
+                notes.append("best layer: the run's test features are not available (no cache, no stimulus file)")
+            else:
+                result.best_layer = best_layer_analysis(enc, raw, data, opts)
+                result.voxels.update(layer_scores=result.best_layer["scores"], best_layer=result.best_layer["best"])
+        elif enc is not None:
+            notes.append(f"best layer: the run used one layer ({enc.layers[0]}); train on several "
+                         f"(backbone.layers=[...]) or run a sweep over layers")
+        if enc is not None and images is None:
+            notes.append("virtual fMRI: no images (give analysis.virtual_fmri.image_dir=<folder of category sub-folders>)")
+        elif enc is not None:
+            result.categories = compute_categories(enc, data, images, semantic, acc, opts)
+            result.categories["organisation"]["image_dir"] = str(image_dir)
+            result.voxels.update(result.categories["voxels"])
+        return result
+
+    def write(self, run: RunDir, result: Wen2018Result) -> list[Path]:
+        """accuracy.*, best_layer.*, dprime.*, category_maps.npz, categories.json, similarity.png,
+        layers_categories.*, voxels.npz and notes.json into the run's output folder."""
+        out = self.make_out_dir(run)
+        acc, title = result.accuracy, result.title
+        files = [write_csv(out / "accuracy.csv", acc["header"], acc["rows"])]
+        write_json(out / "accuracy.json", acc["summary"])
+        files += [out / "accuracy.json", figures.plot_accuracy(acc, out / "accuracy.png", title)]
+        if result.best_layer is not None:
+            files += write_best_layer(result.best_layer, out,
+                                      f"best layer per voxel ({self.options.layer_score}) — {title}")
+        if result.categories is not None:
+            files += write_categories(result.categories, out, title)
+        np.savez_compressed(out / "voxels.npz", **{k: np.asarray(v) for k, v in result.voxels.items()})
+        files.append(out / "voxels.npz")
+        (out / "notes.json").unlink(missing_ok=True)  # never a stale one from an earlier analysis
+        if result.notes:
+            write_json(out / "notes.json", {"notes": result.notes})
+            files.append(out / "notes.json")
+        return files
+
+    def show(self, run: RunDir, result: Wen2018Result) -> None:
+        _print_accuracy(self.console, result.accuracy, result.title)
+        if result.best_layer is not None:
+            _print_best_layer(self.console, result.best_layer)
+        if result.categories is not None:
+            _print_dprime(self.console, result.categories["rows"])
+            organisation = result.categories["organisation"]
+            self.console.print(f"categories: {q_text(organisation)}; clusters "
+                               f"{organisation.get('clusters', {}).get('members')}")
+        self.notes(result.notes)
+
+    def wandb_summary(self, result: Wen2018Result) -> dict:
+        return result.accuracy["summary"]
+
+    def combine(self, results: list[tuple[RunDir, Wen2018Result]]) -> list[dict]:
+        """The sweep form of the best layer over the analysed runs."""
+        return compute_sweep_best_layer([run for run, _ in results], self.options.sweep_split)
+
+    def write_combined(self, groups: list[dict], target: Path) -> list[Path]:
+        return write_sweep_best_layer(groups, target)
+
+
+def analyse_run(run_dir: str | Path | RunDir, opts: Wen2018Options | None = None, console: Console | None = None) -> dict:
+    """Every Wen 2018 analysis of one run; writes ``<run_dir>/<out_subdir>/`` and returns what it found.
+
+    Returns {"out_dir", "files", "notes", "wandb" (its run directory or None), "accuracy" (summary),
+    "best_layer" (counts per ROI or None), "categories" (categories.json content or None)}.
+    """
+    job = Wen2018Job(opts or Wen2018Options(), console or Console(quiet=True))
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    result, files = job.process(run)
+    layer = result.best_layer
+    return {"out_dir": job.out_dir(run), "files": files, "notes": result.notes, "wandb": job.last_wandb_dir,
+            "accuracy": result.accuracy["summary"],
+            "best_layer": ({k: v.tolist() for k, v in layer["counts"].items()} | {"layers": layer["layers"]}
+                           if layer else None),
+            "categories": result.categories["organisation"] if result.categories else None}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_best_layer(res: dict, out: Path, title: str) -> list[Path]:
+    """best_layer.csv (voxels per best layer and mean layer index per ROI) and best_layer.png."""
+    header = ["roi", "n_voxels", "mean_layer_index"] + [f"n_{name}" for name in res["layers"]]
+    rows = []
+    for roi, counts in res["counts"].items():
+        total = int(counts.sum())
+        mean = float((counts * np.arange(len(counts))).sum() / total) if total else float("nan")
+        rows.append([roi, total, mean, *[int(c) for c in counts]])
+    csv_path = write_csv(out / "best_layer.csv", header, rows)
+    png = figures.plot_best_layer_per_roi({k: v for k, v in res["counts"].items()}, res["layers"],
+                                          out / "best_layer.png", title)
+    return [csv_path, png]
+
+
+def q_text(organisation: dict) -> str:
+    clusters = organisation.get("clusters")
+    if clusters is None:
+        return "no clustering (< 3 categories)"
+    return f"k={clusters['k']}, Q={clusters['q']:.2f} (p={clusters['p']:.3g})"
+
+
+def write_categories(res: dict, out: Path, title: str) -> list[Path]:
+    """dprime.csv/.png, category_maps.npz, categories.json, similarity.png, layers_categories.csv/.png."""
+    names, organisation = res["names"], res["organisation"]
+    files = [write_csv(out / "dprime.csv", res["header"], res["rows"]),
+             figures.plot_roi_profile(dict(res["profile"]), names, out / "dprime.png",
+                                      f"mean d' per ROI ({res['n_images']} images) — {title}")]
+    np.savez_compressed(out / "category_maps.npz", maps=res["means"].astype(np.float32),
+                        dprime=res["dprime"].astype(np.float32), names=np.array(names), counts=res["counts"])
+    files.append(out / "category_maps.npz")
     write_json(out / "categories.json", organisation)
     files.append(out / "categories.json")
     labels_c = np.asarray(organisation["clusters"]["labels"]) if "clusters" in organisation else None
-    q_text = (f"k={organisation['clusters']['k']}, Q={organisation['clusters']['q']:.2f} "
-              f"(p={organisation['clusters']['p']:.3g})") if labels_c is not None else "no clustering (< 3 categories)"
-    files.append(cat.plot_similarity(organisation["similarity"], names, labels_c, out / "similarity.png",
-                                     f"category similarity, {organisation['n_voxels']} voxels\n{q_text}"))
+    files.append(figures.plot_similarity(organisation["similarity"], names, labels_c, out / "similarity.png",
+                                         f"category similarity, {organisation['n_voxels']} voxels\n{q_text(organisation)}"))
     if "layers" in organisation:
         layer_rows = [[name, b["q"], b.get("semantic_r"), b.get("semantic_p")]
                       for name, b in organisation["layers"].items()]
         files.append(write_csv(out / "layers_categories.csv", ["layer", "q", "semantic_r", "semantic_p"], layer_rows))
-        files.append(plot_layers_categories(organisation["layers"], names, labels_c, out / "layers_categories.png",
-                                            f"single-layer category similarity and Q — {title}"))
-    console.print(f"categories: {q_text}; clusters {organisation.get('clusters', {}).get('members')}")
-    return organisation, voxels, files
-
-
-def analyse_run(run_dir: str | Path, opts: Wen2018Options | None = None, console: Console | None = None) -> dict:
-    """Every Wen 2018 analysis of one run; writes ``<run_dir>/<out_subdir>/`` and returns what it found.
-
-    Returns {"out_dir", "files", "notes", "wandb" (its run directory or None), "accuracy" (summary),
-    "best_layer" (counts per ROI or None),
-    "categories" (categories.json content or None)}.
-    """
-    opts = opts or Wen2018Options()
-    console = console or Console(quiet=True)
-    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    # every input is read and checked before anything is written
-    run = read_run(run_dir, opts.split, opts.rois)
-    notes: list[str] = []
-    enc = _load_encoder(run_dir, opts, notes)
-    image_dir = resolve_image_dir(run, opts) if enc is not None else None
-    images = category_folder(image_dir) if image_dir is not None else None
-    semantic = semantic_matrix(enc, images[2], opts) if images is not None else None
-    out = run_dir.path / opts.out_subdir
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} — {run_dir.path.name}"
-
-    acc = accuracy(run, opts)
-    files.append(write_csv(out / "accuracy.csv", acc["header"], acc["rows"]))
-    write_json(out / "accuracy.json", acc["summary"])
-    files += [out / "accuracy.json", plot_accuracy(acc, out / "accuracy.png", title)]
-    voxels = {k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r")}
-    n_blocks = acc["summary"].get("n_blocks")
-    if n_blocks is not None and math.factorial(min(n_blocks, 20)) * opts.q < 1:
-        notes.append(f"significance: {n_blocks} blocks of {opts.block} samples have only {math.factorial(n_blocks)} "
-                     f"orders, so no p-value can reach q={opts.q}; lower analysis.significance.block")
-    _print_accuracy(console, acc, title)
-
-    result: dict = {"out_dir": out, "accuracy": acc["summary"]}
-    # best layer
-    layer_res = None
-    if enc is not None and len(enc.layers) >= 2 and run.is_time_series:
-        notes.append("best layer: not available for time-series runs (the head reads HRF-convolved features per TR, "
-                     "which the run does not keep per layer)")
-    elif enc is not None and len(enc.layers) >= 2:
-        raw = test_features(enc, run)
-        if raw is None:
-            notes.append("best layer: the run's test features are not available (no cache, no stimulus file)")
-        else:
-            layer_res = best_layer_analysis(enc, raw, run, opts)
-            files += write_best_layer(layer_res, out, f"best layer per voxel ({opts.layer_score}) — {title}")
-            voxels.update(layer_scores=layer_res["scores"], best_layer=layer_res["best"])
-            _print_best_layer(console, layer_res)
-    elif enc is not None:
-        notes.append(f"best layer: the run used one layer ({enc.layers[0]}); train on several "
-                     f"(backbone.layers=[...]) or run a sweep over layers")
-    result["best_layer"] = ({k: v.tolist() for k, v in layer_res["counts"].items()} | {"layers": layer_res["layers"]}
-                            if layer_res else None)
-
-    # virtual fMRI and category organisation
-    organisation = None
-    if enc is not None and images is None:
-        notes.append("virtual fMRI: no images (give analysis.virtual_fmri.image_dir=<folder of category sub-folders>)")
-    elif enc is not None:
-        organisation, maps_voxels, written = write_categories(enc, run, image_dir, images, semantic, acc, opts, out,
-                                                              title, console)
-        voxels.update(maps_voxels)
-        files += written
-    result["categories"] = organisation
-
-    np.savez_compressed(out / "voxels.npz", **{k: np.asarray(v) for k, v in voxels.items()})
-    files.append(out / "voxels.npz")
-    (out / "notes.json").unlink(missing_ok=True)  # never a stale one from an earlier analysis
-    if notes:
-        write_json(out / "notes.json", {"notes": notes})
-        files.append(out / "notes.json")
-        for note in notes:
-            console.print(f"[yellow]note:[/] {note}")
-    result["files"] = files
-    result["notes"] = notes
-    result["wandb"] = _log_wandb(run_dir, run.info, files, opts)
-    return result
-
-
-def _load_encoder(run: RunDir, opts: Wen2018Options, notes: list[str]):
-    """The run's TrainedEncoder for image-based analyses, or None (with a note) when it predicts from
-    datamodule-transformed features only."""
-    enc = run.encoder(device=opts.device)
-    if not enc.predicts_images:
-        notes.append("best layer and virtual fMRI: the run's head reads datamodule-transformed features "
-                     "(e.g. video PCA + HRF), and the run saved no frame stage to map image features to them")
-        return None
-    return enc
+        files.append(figures.plot_layers_categories(organisation["layers"], names, labels_c,
+                                                    out / "layers_categories.png",
+                                                    f"single-layer category similarity and Q — {title}"))
+    return files
 
 
 # ----------------------------------------------------------------------------- sweep form
 
 
-def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val") -> list[Path]:
+def compute_sweep_best_layer(run_dirs: Sequence[Path | RunDir], split: str = "val") -> list[dict]:
     """Best layer per voxel across runs that differ only in their single layer (held-out r of ``split``).
 
     Runs are grouped by (backbone, head, dataset, subject); a group needs >= 2 runs with different single
-    layers and the same voxels. Writes wen2018_best_layer_<backbone>_<head>.csv/png into out_dir.
+    layers and the same voxels. Returns per group {"backbone", "head", "layers", "counts" {roi: (n_layers,)}}.
     """
     from analyses.methods import layers as lay
     from encoders.backbones import REGISTRY
@@ -548,7 +560,7 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
         if len(layers) == 1:
             key = (info.get("backbone"), info.get("head"), data.get("dataset"), data.get("subject"))
             groups[key].append((layers[0], d))
-    written = []
+    out = []
     for (backbone, head, _, _), members in groups.items():
         if len({layer for layer, _ in members}) < 2:
             continue
@@ -564,43 +576,32 @@ def sweep_best_layer(run_dirs: Sequence[Path], out_dir: Path, split: str = "val"
             scores.append(voxels.values(split, "r"))
         best = lay.best_layer(np.stack(scores))
         layer_names = [m[0] for m in members]
-        counts = lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **rois}, len(layer_names))
-        stem = f"wen2018_best_layer_{backbone}_{head}"
-        header = ["roi", "n_voxels"] + [f"n_{n}" for n in layer_names]
-        rows = [[roi, int(c.sum()), *c.tolist()] for roi, c in counts.items()]
+        out.append({"backbone": backbone, "head": head, "split": split, "layers": layer_names,
+                    "counts": lay.best_layer_counts(best, {"all": np.ones(best.shape, bool), **rois}, len(layer_names))})
+    return out
+
+
+def write_sweep_best_layer(groups: list[dict], out_dir: Path) -> list[Path]:
+    """wen2018_best_layer_<backbone>_<head>.csv/png per group into out_dir."""
+    written = []
+    for g in groups:
+        stem = f"wen2018_best_layer_{g['backbone']}_{g['head']}"
+        header = ["roi", "n_voxels"] + [f"n_{n}" for n in g["layers"]]
+        rows = [[roi, int(c.sum()), *c.tolist()] for roi, c in g["counts"].items()]
         written.append(write_csv(out_dir / f"{stem}.csv", header, rows))
-        written.append(lay.plot_best_layer_per_roi(counts, layer_names, out_dir / f"{stem}.png",
-                                                   f"best layer per voxel ({split} r, one run per layer): {backbone}/{head}"))
+        written.append(figures.plot_best_layer_per_roi(
+            g["counts"], g["layers"], out_dir / f"{stem}.png",
+            f"best layer per voxel ({g['split']} r, one run per layer): {g['backbone']}/{g['head']}"))
     return written
 
 
-# ----------------------------------------------------------------------------- entry
+def sweep_best_layer(run_dirs: Sequence[Path | RunDir], out_dir: Path, split: str = "val") -> list[Path]:
+    """``compute_sweep_best_layer`` then ``write_sweep_best_layer`` (library use)."""
+    return write_sweep_best_layer(compute_sweep_best_layer(run_dirs, split), Path(out_dir))
 
 
-def run_wen2018(cfg, target: Path) -> None:
-    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir), then the sweep form of the best layer."""
-    from omegaconf import OmegaConf
+# ----------------------------------------------------------------------------- printing
 
-    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
-    data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
-    opts = Wen2018Options.from_config(analysis, data_dir=str(data_dir))
-    run_dirs = require_runs(target)
-    console = Console(width=120)
-    for d in run_dirs:
-        console.rule(str(d))
-        res = analyse_run(d, opts, console)
-        console.print(f"wrote {len(res['files'])} files to {res['out_dir']}")
-    if len(run_dirs) > 1:
-        for path in sweep_best_layer(run_dirs, target, opts.sweep_split):
-            console.print(f"wrote {path}")
-
-
-# ----------------------------------------------------------------------------- output helpers
-
-
-def _fmt(v, digits=3) -> str:
-    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
-        f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
 def _print_accuracy(console: Console, acc: dict, title: str) -> None:
@@ -609,7 +610,7 @@ def _print_accuracy(console: Console, acc: dict, title: str) -> None:
     for col in ("ROI", "voxels", "significant", "mean r ± SE", "mean NC-r"):
         table.add_column(col, justify="left" if col == "ROI" else "right")
     for row in acc["rows"]:
-        table.add_row(row[0], str(row[1]), str(row[3]), f"{_fmt(row[6])} ± {_fmt(row[7])}", _fmt(row[10]))
+        table.add_row(row[0], str(row[1]), str(row[3]), f"{fmt(row[6])} ± {fmt(row[7])}", fmt(row[10]))
     console.print(table)
 
 
@@ -628,46 +629,5 @@ def _print_dprime(console: Console, rows: list[list]) -> None:
     for col in ("ROI", "top category", "max d' (mean ± SE)"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row[0], row[2], f"{_fmt(row[3], 2)} ± {_fmt(row[4], 2)}")
+        table.add_row(row[0], row[2], f"{fmt(row[3], 2)} ± {fmt(row[4], 2)}")
     console.print(table)
-
-
-def _log_wandb(run: RunDir, info: dict, files: list[Path], opts: Wen2018Options) -> str | None:
-    """Log the figures (wandb.Image) and tables (wandb.Table) to a W&B run in the run's group.
-
-    wandb "auto": only if the run trained with logger=wandb; true/false force it. Offline unless
-    WANDB_API_KEY is set or WANDB_MODE says otherwise (analyses.jobs.dashboard.wandb_mode, as train.py).
-    Returns the W&B run directory, or None when nothing was logged.
-    """
-    choice = str(opts.wandb).lower()
-    if choice in ("false", "none", "off"):
-        return None
-    from analyses.jobs.dashboard import run_group, run_tags, wandb_mode
-
-    run_dir = run.path
-    config = run.config
-    if choice == "auto" and "wandb" not in (config.get("logger") or {}):
-        return None
-    import wandb
-
-    run = wandb.init(project=((config.get("logger") or {}).get("wandb") or {}).get("project", "brainprobe"),
-                     group=run_group(config, run_dir.parent.name), job_type="analysis-wen2018",
-                     name=f"wen2018-{run_dir.name}", tags=run_tags(info), dir=str(run_dir), mode=wandb_mode(),
-                     config={"run_dir": str(run_dir), **{f.name: getattr(opts, f.name) for f in fields(opts)
-                                                          if f.name != "notes"}}, reinit="create_new")
-    try:
-        payload = {}
-        for path in files:
-            if path.suffix == ".png":
-                payload[f"wen2018/{path.stem}"] = wandb.Image(str(path))
-            elif path.suffix == ".csv":
-                with open(path, newline="") as f:
-                    rows = list(csv.reader(f))
-                payload[f"wen2018/{path.stem}"] = wandb.Table(columns=rows[0], data=rows[1:])
-        run.log(payload)
-        with open(run_dir / opts.out_subdir / "accuracy.json") as f:
-            run.summary.update({f"wen2018/{k}": v for k, v in json.load(f).items() if isinstance(v, (int, float))})
-        directory = run.dir
-    finally:
-        run.finish()
-    return str(Path(directory).parent)
