@@ -227,18 +227,23 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
-    """Fit and test one encoder as configured and write the run directory."""
-    started = time.time()
-    writer = rank_zero_only.rank == 0  # under DDP only global rank 0 writes the run directory
+def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
+    """The run directory with this config (global rank 0 writes it) and the checkpoint to resume from;
+    checks the config values the steps below cannot check themselves."""
     resume_from = resume_checkpoint(cfg, run_dir)  # before config.yaml is rewritten: it is compared
     run = RunDir(run_dir)
-    if writer:
+    if rank_zero_only.rank == 0:  # under DDP only global rank 0 writes the run directory
         run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
     check_precision(cfg)
+    return run, resume_from
+
+
+def build_model(cfg: DictConfig) -> tuple[EncodingModel, object, dict, dict]:
+    """Instantiate the backbone, the datamodule (and its features) and the head into an EncodingModel whose
+    feature transform is fitted on the training features: (model, datamodule, features, feature info)."""
     backbone = instantiate(cfg.backbone)  # before the data: a weights problem shows in seconds
     dm = build_datamodule(cfg)
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
@@ -249,22 +254,38 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                           seed=int(cfg.seed))
     model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
+    return model, dm, features, feature_info
+
+
+def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run: RunDir,
+                 resume_from: str | None) -> L.Trainer:
+    """Fit the head (closed form on the training split, or epochs, resumed from a checkpoint) and test it."""
     trainer = build_trainer(cfg)
-    if getattr(head, "closed_form", False):
+    if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        head.fit(model.features(features["train"]), dm.targets("train"))
+        model.head.fit(model.features(features["train"]), dm.targets("train"))
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
         trainer.save_checkpoint(run.file(LAST_CHECKPOINT))
     else:
-        if resume_from and writer:
+        if resume_from and rank_zero_only.rank == 0:
             keep_earlier_logs(trainer)
         trainer.fit(model, datamodule=dm, ckpt_path=resume_from)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
         trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
+    return trainer
+
+
+def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
+    """Fit and test one encoder as configured and write the run directory: compose (``cfg``) -> instantiate
+    -> fit/test -> write."""
+    started = time.time()
+    run, resume_from = start_run(cfg, run_dir)
+    model, dm, features, feature_info = build_model(cfg)
+    trainer = fit_and_test(cfg, model, dm, features, run, resume_from)
     if not trainer.is_global_zero:
         return TrainResult(None, model, dm, run_dir)
-    metrics = write_run(run, cfg, dm, model.cpu(), features, backbone, started, feature_info)
+    metrics = write_run(run, cfg, dm, model.cpu(), features, model.backbone, started, feature_info)
     run.clear_failure()  # an earlier failed attempt in this directory
     log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
              metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
@@ -434,14 +455,12 @@ def ddp_job(cfg: DictConfig, run_dir: Path):
             torch.distributed.destroy_process_group()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """One job. In a multirun a failing job records failed.json and returns None, so the other jobs go on."""
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+def guarded(job, hydra_cfg, run_dir: Path):
+    """The one failure wrapper around a training job (``job()``): in a multirun any failure is recorded in
+    the job's failed.json and the sweep goes on (returns None); otherwise a user error (``user_error``) is
+    one ``error:`` line and exit code 2, and anything else is raised with its traceback."""
     try:
-        with ddp_job(cfg, run_dir):
-            metrics = train(cfg, run_dir).metrics
+        return job()
     except Exception as err:
         cause = user_error(err)
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -451,7 +470,20 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-    if metrics is None:  # a DDP rank > 0: rank 0 reports
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """One job. In a multirun a failing job records failed.json and returns None, so the other jobs go on."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+
+    def job():
+        with ddp_job(cfg, run_dir):
+            return train(cfg, run_dir).metrics
+
+    metrics = guarded(job, hydra_cfg, run_dir)
+    if metrics is None:  # a failed multirun job, or a DDP rank > 0 (rank 0 reports)
         return None
     split, _, key = str(cfg.optimized_metric).partition("/")
     return metrics.get(split, {}).get(key)
