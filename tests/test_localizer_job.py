@@ -155,6 +155,7 @@ def test_tmap_regions_and_bad_tmap(sweep, tmp_path):
         LocalizerOptions.from_config({"name": "localizer", "t_treshold": 3})
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_localizer_on_two_synthetic_subjects
 def test_cli_single_run(sweep, tmp_path):
     run_dir = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())[0]
     proc = subprocess.run(

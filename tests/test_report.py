@@ -322,6 +322,7 @@ def test_wandb_offline_runs_carry_grouping_tags_summary_and_figures(report, swee
     assert wandb_mode() == "offline"
 
 
+@pytest.mark.slow  # the CLI end to end; fast: build_report and the W&B dashboard above
 def test_cli_report_and_its_errors(sweep, tmp_path):
     out = tmp_path / "cli_report"
     proc = subprocess.run([sys.executable, "analyze.py", "analysis=report", f"sweep_dir={sweep}",

@@ -23,6 +23,7 @@ SWEEP_DATA = {**SMALL_SYNTHETIC, "n_subjects": 1, "n_shared": 40, "n_unique": 80
 FAST = ["experiment=demo", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
 
 
+@pytest.mark.slow  # a joblib sweep end to end; fast: test_optuna_search_returns_the_validation_metric, test_train.py::test_guarded_*
 def test_joblib_sweep_completes_around_a_failing_job(tmp_path, capsys):
     root = ensure_synthetic(tmp_path / "data", **SWEEP_DATA)
     extra = tmp_path / "conf" / "backbone"

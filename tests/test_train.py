@@ -154,3 +154,32 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "no_nsd" in lines[0] and "file not found" in lines[0]
+
+
+def test_guarded_records_a_failed_multirun_job_and_is_one_line_otherwise(tmp_path, capsys):
+    """train.py's one failure wrapper: in a multirun a failing job leaves failed.json (its error line, type,
+    overrides, traceback) and the sweep goes on; in a single run a user error is one line, exit 2."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from datamodules.errors import DataError
+    from encoders.run_dir import find_failed
+    from train import guarded
+
+    def fail():
+        raise DataError("/nowhere/betas.hdf5: file not found\nmore detail")
+
+    sweep = SimpleNamespace(mode=RunMode.MULTIRUN, overrides=SimpleNamespace(task=["data.subject=3"]))
+    assert guarded(fail, sweep, tmp_path / "0_job") is None
+    [record] = find_failed(tmp_path)
+    assert record["type"] == "DataError" and record["error"] == "/nowhere/betas.hdf5: file not found"
+    assert record["overrides"] == ["data.subject=3"] and "Traceback" in record["traceback"]
+    assert guarded(lambda: {"test": {}}, sweep, tmp_path / "1_job") == {"test": {}}
+    single = SimpleNamespace(mode=RunMode.RUN, overrides=SimpleNamespace(task=[]))
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(fail, single, tmp_path / "run")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[0] == "error: /nowhere/betas.hdf5: file not found"
+    with pytest.raises(ZeroDivisionError):  # not a user error: the traceback, not a one-liner
+        guarded(lambda: 1 / 0, single, tmp_path / "run")

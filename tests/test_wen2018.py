@@ -113,6 +113,7 @@ def roi_group_dprime(run_dir, dprime):
     return out
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_wandb_entry_offline runs every analysis through the job
 def test_cli_wen2018_finds_the_planted_category_rois(trained_run, tmp_path):
     semantic = tmp_path / "semantic.csv"
     names = ["body", "face", "food", "object", "place", "word"]
