@@ -213,7 +213,7 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
     if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
         est = model.head.estimator
         np.savez_compressed(run_dir / "ridge_cv.npz", alphas=est.alphas, best_alphas=est.best_alphas_,
-                            cv_scores=est.cv_scores_.astype(np.float32))
+                            cv_scores=est.cv_scores_.astype(np.float32), **est.cv_record())
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     write_json(run_dir / "run.json", {
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
@@ -260,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
     trainer = build_trainer(cfg)
     if getattr(head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        head.fit(model.features(features["train"]), dm.targets("train"))
+        head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")

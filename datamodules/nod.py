@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import DataError
-from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, read_betas, read_coco_images,
+from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
+                                   read_coco_images,
                                    read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import NSDDataModule, SubjectResponses
 from datamodules.fmri_runs import ncsnr_from_repeats
@@ -70,7 +71,9 @@ def select_grayordinates(rois: dict[str, np.ndarray], roi_mask: Sequence[str] | 
 
 def run_stimuli(paths: NODPaths, run: Run, imagenet_dir: Path, coco_dir: Path, coco_csv: Path,
                 coco_names: list[str] | None) -> tuple[list[str], list[Path], int]:
-    """Relative names and files of a run's beta maps, in map order, and the events file's trial count."""
+    """Relative names and files of a run's beta maps, in map order, and the events file's trial count.
+
+    coco_csv: where the COCO order came from (coco_images.csv, or the events file it was derived from)."""
     events = paths.events(run)
     if run.is_coco:
         rows = read_tsv(events, ("onset", "trial_type"))
@@ -92,6 +95,21 @@ def run_stimuli(paths: NODPaths, run: Run, imagenet_dir: Path, coco_dir: Path, c
         names.append(f"imagenet/{file.relative_to(imagenet_dir).as_posix()}")
         files.append(file)
     return names, files, len(rows)
+
+
+def coco_order(paths: NODPaths, coco_runs: list[Run], coco_csv: Path, explicit: bool) -> tuple[list[str] | None, Path]:
+    """The COCO beta-map order and where it came from: coco_images.csv, or, when the default one is absent,
+    the sorted stim_file names of the COCO events (said in one warning line). A data.coco_images_csv that was
+    set explicitly must exist."""
+    if not coco_runs:
+        return None, coco_csv
+    if explicit or coco_csv.exists():
+        return read_coco_images(coco_csv), coco_csv
+    events = [paths.events(r) for r in coco_runs]
+    names = coco_order_from_events(events)
+    log.warning("%s not found: COCO beta maps taken in the sorted order of the %d COCO images named by the stim_file "
+                "column of %d COCO events files (NOD's coco_images.csv lists them so)", coco_csv, len(names), len(events))
+    return names, events[0]
 
 
 def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | None = None,
@@ -119,7 +137,7 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
         if missing:
             raise DataError(f"{paths.results_dir}: session {missing[0]} not found ({paths.sub} has {have})")
         runs = [r for r in runs if r.is_coco or r.session in wanted]
-    coco_names = read_coco_images(coco_csv) if any(r.is_coco for r in runs) else None
+    coco_names, coco_csv = coco_order(paths, [r for r in runs if r.is_coco], coco_csv, bool(coco_images_csv))
 
     # Stimuli first (cheap): every image named, so ids can be assigned before any betas are read.
     per_run = {run: run_stimuli(paths, run, imagenet_dir, coco_dir, coco_csv, coco_names) for run in runs}
@@ -141,7 +159,8 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
         if len(betas) != n_events:
             raise DataError(f"{path}: {len(betas)} beta maps (trials), but {paths.events(run)} lists {n_events} trials")
         if len(betas) != len(names):
-            raise DataError(f"{path}: {len(betas)} beta maps, but {coco_csv} lists {len(names)} COCO images")
+            raise DataError(f"{path}: {len(betas)} beta maps, but {coco_csv} lists {len(names)} COCO images"
+                            + ("" if coco_csv.suffix == ".csv" else " (sorted stim_file names: no coco_images.csv)"))
         reference.check_same(cortex)
         ids = np.array([stim_id[n] for n in names])
         with warnings.catch_warnings():  # all-NaN grayordinates: counted below, not warned about per run
