@@ -614,9 +614,12 @@ class StimulusBrick:
         if not 0 <= int(stim_id) < self.shape[0]:
             raise DataError(f"{self.path}: stimulus id {int(stim_id)} out of range, 'imgBrick' {self.shape} "
                             f"holds ids 0..{self.shape[0] - 1}")
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file["imgBrick"][int(stim_id)]
+        try:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            return self._file["imgBrick"][int(stim_id)]
+        except READ_ERRORS as err:
+            raise DataError(f"{self.path}: cannot read image {int(stim_id)} of 'imgBrick' ({err})") from None
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
