@@ -167,9 +167,9 @@ class FeatureCache:
             partial.unlink()
         return done
 
-    def _require_space(self, partial: Path, n_rows: int, n_features: int) -> None:
+    def _require_space(self, partial: Path, n_rows: int, n_features: int, n_ids: int) -> None:
         """StorageError before any extraction if the disk cannot hold the rows still to be written."""
-        need = n_rows * n_features * 4 * 1.02 + 2**20  # float32 rows, uncompressed, + HDF5 metadata
+        need = (n_rows * n_features * 4 + n_ids * 8) * 1.02 + 2**16  # float32 rows, int64 ids, + HDF5 metadata
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
@@ -189,66 +189,84 @@ class FeatureCache:
         cannot be trusted for a resume. (A killed extraction leaves a .partial file that is resumed.)
         """
         partial = self._partial(path)
-        self._require_space(partial, len(ids) - start, backbone.n_features)
+        self._require_space(partial, len(ids) - start, backbone.n_features, 0 if start else len(ids))
         written = np.zeros((len(ids), 2))  # per row: sum and sum of |x| (float64) of what was written
-        done = start
+        done, f = start, None
         try:
-            try:
-                f = h5py.File(partial, "r+" if start else "w")
-                if not start:
-                    f.attrs["key"] = key
-                    f.attrs["description"] = json.dumps(description, sort_keys=True)
-                    f.attrs["n_done"] = 0
-                    f.attrs["complete"] = False
-                    f.create_dataset("ids", data=ids)
-                    f.create_dataset("features", shape=(len(ids), backbone.n_features), dtype=np.float32,
-                                     chunks=(min(len(ids), 256), backbone.n_features))
-                features = f["features"]
-                if start:
-                    written[:start] = _row_sums(features[:start])
-                rest = ids[start:]
-                if len(rest):
-                    for batch in iter_features(backbone, make_loader(rest), device,
-                                               description=f"features {backbone.spec.name}", total=len(rest)):
-                        rows = batch.numpy()
-                        features[done:done + len(rows)] = rows
-                        f.flush()
-                        f.attrs["n_done"] = done + len(rows)
-                        f.flush()
-                        written[done:done + len(rows)] = _row_sums(rows)
-                        done += len(rows)
-                if done != len(ids):
-                    raise RuntimeError(f"{partial}: extraction produced {done} rows for {len(ids)} images")
-                f.attrs["complete"] = True
-                f.close()
-                with h5py.File(partial, "r") as f:
-                    stored = f["features"][:]
-                back = _row_sums(stored)
-                lost = np.flatnonzero(~((back == written) | (np.isnan(back) & np.isnan(written))).all(axis=1))
-                if len(lost):
-                    raise StorageError(f"{partial}: {len(lost)} of {len(ids)} feature rows did not reach the disk "
-                                       f"(first: row {lost[0]}; the disk is full or failing)")
-                os.replace(partial, path)
-            finally:
-                if "f" in locals() and f.id.valid:
-                    try:
-                        f.close()
-                    except (OSError, RuntimeError):  # already failing: the first error is the one to report
-                        pass
+            # No chunk cache: rows reach the file when assigned, so a full disk raises there, and closing
+            # the file after a failure has no cached chunks left to flush (see _abandon).
+            f = h5py.File(partial, "r+" if start else "w", rdcc_nbytes=0)
+            if not start:
+                f.attrs["key"] = key
+                f.attrs["description"] = json.dumps(description, sort_keys=True)
+                f.attrs["n_done"] = 0
+                f.attrs["complete"] = False
+                f.create_dataset("ids", data=ids)
+                f.create_dataset("features", shape=(len(ids), backbone.n_features), dtype=np.float32,
+                                 chunks=(min(len(ids), 256), backbone.n_features))
+            features = f["features"]  # one dataset object throughout: its write errors are raised, not dropped
+            if start:
+                written[:start] = _row_sums(features[:start])
+            rest = ids[start:]
+            if len(rest):
+                for batch in iter_features(backbone, make_loader(rest), device,
+                                           description=f"features {backbone.spec.name}", total=len(rest)):
+                    rows = batch.numpy()
+                    features[done:done + len(rows)] = rows
+                    f.flush()
+                    f.attrs["n_done"] = done + len(rows)
+                    f.flush()
+                    written[done:done + len(rows)] = _row_sums(rows)
+                    done += len(rows)
+            if done != len(ids):
+                raise RuntimeError(f"{partial}: extraction produced {done} rows for {len(ids)} images")
+            f.attrs["complete"] = True
+            del features
+            f.close()
+            with h5py.File(partial, "r") as f:
+                stored = f["features"][:]
+            back = _row_sums(stored)
+            lost = np.flatnonzero(~((back == written) | (np.isnan(back) & np.isnan(written))).all(axis=1))
+            if len(lost):
+                raise StorageError(f"{partial}: {len(lost)} of {len(ids)} feature rows did not reach the disk "
+                                   f"(first: row {lost[0]}; the disk is full or failing)")
+            os.replace(partial, path)
         except (OSError, RuntimeError) as err:  # h5py reports some failed writes as RuntimeError
-            if not (isinstance(err, StorageError) or is_storage_failure(err)):
+            refused = isinstance(err, StorageError) or is_storage_failure(err)
+            _abandon(f, partial, remove=refused)
+            if not refused:
                 raise  # e.g. an image that cannot be read: not the cache's disk
-            try:
-                partial.unlink(missing_ok=True)
-            except OSError:
-                pass
             if isinstance(err, StorageError):
                 raise StorageError(f"{err}; removed it, free space (or set feature_cache_dir elsewhere) "
                                    f"and rerun") from None
             raise StorageError(f"{partial}: cannot write the feature cache ({reason(err)}) after {done} of "
                                f"{len(ids)} images; removed it, free space (or set feature_cache_dir elsewhere) "
                                f"and rerun") from None
+        except BaseException:  # interrupted (e.g. Ctrl-C): the .partial file is resumed next time
+            _abandon(f, partial, remove=False)
+            raise
         return torch.from_numpy(stored)
+
+
+def _abandon(f: h5py.File | None, partial: Path, remove: bool) -> None:
+    """Close a failed extraction's file quietly; remove=True also deletes it. Its content is dropped first
+    (truncated): on a full disk HDF5 cannot flush its metadata when closing, and a file left open would
+    make the HDF5 library crash at interpreter exit."""
+    if remove:
+        try:
+            os.truncate(partial, 0)
+        except OSError:
+            pass
+    if f is not None and f.id.valid:
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # already failing: the first error is the one to report
+            pass
+    if remove:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _row_sums(rows: np.ndarray) -> np.ndarray:
