@@ -421,16 +421,16 @@ def record_failure(run_dir: Path, err: BaseException, overrides: list[str], cons
 
 
 def storage_failure(err: BaseException, run_dir: Path) -> StorageError | None:
-    """A StorageError naming the path, for an OSError (anywhere in err's chain) saying that a write was
-    refused (disk full, read-only, no permission) where no code on the way named the file."""
+    """A StorageError naming the path, for an OSError (anywhere in err's chain) saying that the file system
+    refused (disk full, read-only, no permission) where no code on the way named the file: its file, or
+    the run directory when there is none or it is a temp file (a library staging a file elsewhere)."""
     seen = err
     while seen is not None:
         if isinstance(seen, OSError) and is_storage_failure(seen):
             name = seen.filename and Path(os.fsdecode(seen.filename))
-            if name and not name.is_relative_to(tempfile.gettempdir()):
-                return StorageError(f"{name}: cannot write ({reason(seen)})")
-            # e.g. a Lightning checkpoint, written to a temp file and then moved into the run directory
-            return StorageError(f"{run_dir}: cannot write the run ({reason(seen)}{f'; at {name}' if name else ''})")
+            if name and (name.is_relative_to(run_dir) or name.parent != Path(tempfile.gettempdir())):
+                return StorageError(f"{name}: {reason(seen)}")
+            return StorageError(f"{run_dir}: {reason(seen)} while writing the run{f' (at {name})' if name else ''}")
         seen = seen.__cause__ or seen.__context__
     return None
 

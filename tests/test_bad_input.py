@@ -273,6 +273,26 @@ def test_atomic_write_keeps_the_old_file_and_removes_the_temp_file(tmp_path, mon
     assert ckpt.read_bytes() == old and not list(tmp_path.glob("*.tmp"))
 
 
+def test_an_unnamed_refused_write_names_the_file_or_the_run_directory(tmp_path):
+    """OSErrors that reach train.py's main unnamed by our code (a logger's file, a library's temp file)."""
+    import tempfile
+    from train import storage_failure
+    run_dir = tmp_path / "run"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "csv/metrics.csv"))
+    try:
+        try:
+            raise full
+        except OSError as err:
+            raise RuntimeError("a library's wrapper") from err
+    except RuntimeError as wrapped:
+        assert str(storage_failure(wrapped, run_dir)) == f"{run_dir / 'csv/metrics.csv'}: No space left on device"
+    staged = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(tempfile.gettempdir(), "tmpab12"))
+    assert str(storage_failure(staged, run_dir)) == (f"{run_dir}: No space left on device while writing the run "
+                                                     f"(at {os.path.join(tempfile.gettempdir(), 'tmpab12')})")
+    assert storage_failure(OSError(errno.EIO, "I/O error"), run_dir) is None  # not a refusal: a traceback
+    assert storage_failure(ValueError("bad value"), run_dir) is None
+
+
 @pytest.mark.parametrize("name", ["predictions.npz", "head.pt", "metrics.json"])
 def test_full_disk_while_writing_the_run_leaves_no_half_written_file(make_cfg, synthetic_root, tmp_path,
                                                                      monkeypatch, name):
