@@ -111,8 +111,8 @@ def load_video_subject(root: str | Path, subject: int, train: Sequence[str], tes
                 raise DataError(f"{path}: its cortical grayordinates differ from those of {first}")
             run_invalid = invalid_columns(run)
             if run_invalid.all():
-                raise DataError(f"{path}: all {n_cortex} cortical grayordinates are NaN or constant over its first "
-                                f"{n_volumes} volumes")
+                raise DataError(f"{path}: all {n_cortex} cortical grayordinates are NaN or constant over the "
+                                f"{n_volumes} volumes kept")
             invalid.add(run_invalid, path.name)
             moments.add(zscore_time(detrend_polynomial(np.nan_to_num(run), detrend_order)))
         responses[stimulus] = moments.mean()

@@ -333,7 +333,7 @@ def _dead_run(path: Path, value: float) -> None:
 BAD_INPUT = {
     "run that is NaN everywhere": (lambda p: _dead_run(VideoPaths(p, 1).cifti("seg2", 1), np.nan),
                                    r"seg2_1_Atlas.dtseries.nii: all 60 cortical grayordinates are NaN or constant over "
-                                   r"its first 20 volumes"),
+                                   r"the 20 volumes kept"),
     "run that is constant everywhere": (lambda p: _dead_run(VideoPaths(p, 1).cifti("test1", 2), 3.0),
                                         r"test1_2_Atlas.dtseries.nii: all 60 cortical grayordinates are NaN or constant"),
     "truncated CIFTI data": (lambda p: _truncate(VideoPaths(p, 1).cifti("seg2", 2), 0.8),
