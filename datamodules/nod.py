@@ -27,8 +27,8 @@ from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, 
                                    read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import NSDDataModule, SubjectResponses
 from datamodules.fmri_runs import ncsnr_from_repeats
-from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels,
-                                       split_train_val, zscore_trials)
+from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns,
+                                       invalid_voxels, split_train_val, zscore_trials)
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
     selected = select_grayordinates(rois, roi_mask, n_cortex, roi_files)
 
     averager = RepeatAverager(len(selected), ids=np.arange(len(stim_names)))  # float32 sums, allocated once
-    bad = np.zeros(len(selected), dtype=bool)
+    invalid = InvalidVoxels(len(selected))
     coco_trials = []
     for run in runs:
         path, (names, _, n_events) = paths.betas(run), per_run[run]
@@ -165,19 +165,26 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
         ids = np.array([stim_id[n] for n in names])
         with warnings.catch_warnings():  # all-NaN grayordinates: counted below, not warned about per run
             warnings.simplefilter("ignore", RuntimeWarning)
-            bad |= invalid_voxels(betas)
+            run_invalid = invalid_voxels(betas)
+        if run_invalid.all():
+            raise DataError(f"{path}: all {len(run_invalid)} selected grayordinates are NaN or constant over the "
+                            f"run's {len(betas)} maps")
+        invalid.add(run_invalid, path.name)
         values = zscore_trials(betas) if zscore else np.nan_to_num(betas)
         averager.add(ids, values)
         if run.is_coco:
             coco_trials.append(values)
         del betas
     stim_ids, responses, counts = averager.result()
+    bad = invalid.mask
     if bad.all():
-        raise DataError(f"{paths.results_dir}: every selected grayordinate is NaN or constant in some run")
+        raise DataError(f"{paths.results_dir}: every selected grayordinate is NaN or constant in one of the runs "
+                        f"{describe_blocks(invalid.blocks_of())}")
     for name in roi_mask or ():
         if not (rois[name][selected] & ~bad).any():
-            raise DataError(f"data.roi_mask: ROI '{name}' ({origin[name]}) is empty after removing "
-                            f"{int(bad.sum())} grayordinates with NaN or constant betas")
+            raise DataError(f"data.roi_mask: ROI '{name}' ({origin[name]}) is empty after removing its "
+                            f"grayordinates with NaN or constant betas in "
+                            f"{describe_blocks(invalid.blocks_of(rois[name][selected]))}")
     if bad.any():
         log.warning("%s: dropped %d of %d grayordinates with NaN or constant betas",
                     paths.sub, int(bad.sum()), len(bad))

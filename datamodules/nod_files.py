@@ -255,9 +255,17 @@ def read_dlabel(path: Path, n_cortex: int) -> tuple[dict[str, np.ndarray], Corte
         raise DataError(f"{path}: cannot read the CIFTI-2 label axis ({one_line(err)})") from None
     if not isinstance(labels, nib.cifti2.LabelAxis):
         raise DataError(f"{path}: rows are a {type(labels).__name__}, expected a label table (dlabel, LabelAxis)")
-    values = np.rint(read_matrix(img, path)[:, cortex.columns]).astype(np.int64)
+    data = read_matrix(img, path)[:, cortex.columns]
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: label values must be finite integers")
+    values = np.rint(data).astype(np.int64)
     masks: dict[str, np.ndarray] = {}
-    for row, table in zip(values, labels.label):
+    for index, (row, table) in enumerate(zip(values, labels.label)):
+        unlisted = np.setdiff1d(np.unique(row[row > 0]), [int(k) for k in table])
+        if len(unlisted):  # its grayordinates would silently belong to no named ROI
+            k = int(unlisted[0])
+            raise DataError(f"{path}: map {index} holds label {k} ({int((row == k).sum())} grayordinates), which "
+                            f"its label table does not list (it lists {sorted(int(k) for k in table)})")
         for key, (name, _) in table.items():
             if key > 0 and (row == key).any():
                 masks[name] = masks.get(name, np.zeros(n_cortex, bool)) | (row == key)

@@ -34,6 +34,7 @@ from datamodules.errors import DataError
 from datamodules.fmri_runs import (RepeatMoments, detrend_polynomial, invalid_columns, ncsnr_from_noise_variance,
                                    zscore_time)
 from datamodules.hrf import hrf_kernel
+from datamodules.preprocessing import InvalidVoxels, describe_blocks
 from datamodules.serving import ResponseDataModule
 from datamodules.video_features import FeatureReducer
 from datamodules.video_files import VideoPaths, iter_frames, probe_video, read_cortex_series
@@ -104,7 +105,7 @@ def load_video_subject(root: str | Path, subject: int, train: Sequence[str], tes
         raise DataError(f"data.test_repeats={test_repeats}: the noise ceiling needs at least 2 test repeats")
     stimuli = {**{s: train_repeats for s in train}, **{s: test_repeats for s in test}}
     _check_stimulus_files(paths, stimuli, n_volumes, tr, fps)
-    responses, bad, noise_var, grayordinates = {}, np.zeros(n_cortex, bool), np.zeros(n_cortex), None
+    responses, invalid, noise_var, grayordinates = {}, InvalidVoxels(n_cortex), np.zeros(n_cortex), None
     for stimulus, n_rep in stimuli.items():
         moments = RepeatMoments()
         for r in range(1, n_rep + 1):
@@ -114,13 +115,19 @@ def load_video_subject(root: str | Path, subject: int, train: Sequence[str], tes
                 grayordinates, first = grays, path
             elif grays != grayordinates:
                 raise DataError(f"{path}: its cortical grayordinates differ from those of {first}")
-            bad |= invalid_columns(run)
+            run_invalid = invalid_columns(run)
+            if run_invalid.all():
+                raise DataError(f"{path}: all {n_cortex} cortical grayordinates are NaN or constant over the "
+                                f"{n_volumes} volumes kept")
+            invalid.add(run_invalid, path.name)
             moments.add(zscore_time(detrend_polynomial(np.nan_to_num(run), detrend_order)))
         responses[stimulus] = moments.mean()
         if stimulus in test:
             noise_var += moments.noise_variance() / len(test)
+    bad = invalid.mask
     if bad.all():
-        raise DataError(f"{paths.subject_dir}: every cortical grayordinate is NaN or constant in some run")
+        raise DataError(f"{paths.subject_dir}: every cortical grayordinate is NaN or constant in one of the runs "
+                        f"{describe_blocks(invalid.blocks_of())}")
     if bad.any():
         log.warning("subject%d: dropped %d of %d grayordinates that are NaN or constant in some run",
                     subject, int(bad.sum()), n_cortex)

@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
+
+from encoders.storage import atomic_write, write_text
 
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "open_clip_torch", "hydra-core", "numpy",
             "scipy", "scikit-learn", "h5py", "nibabel", "wandb")
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temp file + rename), NaN as null."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2))
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file + rename), NaN as null; StorageError naming it if it cannot be written."""
+    write_text(path, json.dumps(_clean(obj), indent=2))
 
 
 def _clean(obj):
@@ -69,6 +68,4 @@ def write_voxel_metrics(path: Path, per_split: dict[str, dict[str, np.ndarray]],
     arrays = {f"{split}_{k}": np.asarray(v, dtype=np.float32) for split, d in per_split.items() for k, v in d.items()}
     arrays["voxel_xyz"] = np.asarray(voxel_xyz)
     arrays.update({f"roi_{name}": np.asarray(mask, dtype=bool) for name, mask in rois.items()})
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))

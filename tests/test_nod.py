@@ -253,6 +253,17 @@ def test_empty_roi_after_nan_removal(nod_root, nod_copy):
     assert "empty after removing" in str(err.value)
 
 
+@pytest.mark.parametrize("value", [np.nan, 2.0], ids=["nan", "constant"])
+def test_dead_run_names_its_file(nod_copy, value):
+    """A run whose betas are NaN (or constant) at every grayordinate names its file, not the results folder."""
+    path = betas_path(nod_copy, "ses-imagenet01_task-imagenet_run-2")
+    rewrite_betas(path, data=np.full(nib.load(path).shape, value))
+    with pytest.raises(DataError) as err:
+        load(nod_copy)
+    assert one_line(err) == (f"{path}: all {N_CORTEX} selected grayordinates are NaN or constant over the run's "
+                             f"30 maps")
+
+
 def test_missing_images(nod_root, nod_copy):
     events = nod_copy / "sub-01/ses-imagenet01/func/sub-01_ses-imagenet01_task-imagenet_run-02_events.tsv"
     row = read_tsv(events)[4]

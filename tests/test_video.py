@@ -427,7 +427,18 @@ def _drop_last_volume(path: Path) -> None:
     out.to_filename(str(path))
 
 
+def _dead_run(path: Path, value: float) -> None:
+    """Every grayordinate of a run NaN (value=nan) or constant."""
+    img = nib.load(path)
+    nib.save(nib.Cifti2Image(np.full(img.shape, value, np.float32), header=img.header), path)
+
+
 BAD_INPUT = {
+    "run that is NaN everywhere": (lambda p: _dead_run(VideoPaths(p, 1).cifti("seg2", 1), np.nan),
+                                   r"seg2_1_Atlas.dtseries.nii: all 60 cortical grayordinates are NaN or constant over "
+                                   r"the 20 volumes kept"),
+    "run that is constant everywhere": (lambda p: _dead_run(VideoPaths(p, 1).cifti("test1", 2), 3.0),
+                                        r"test1_2_Atlas.dtseries.nii: all 60 cortical grayordinates are NaN or constant"),
     "truncated CIFTI data": (lambda p: _truncate(VideoPaths(p, 1).cifti("seg2", 2), 0.8),
                              r"seg2_2_Atlas.dtseries.nii: cannot read the data block of shape \(25, 66\)"),
     "corrupt CIFTI header": (lambda p: VideoPaths(p, 1).cifti("test1", 3).write_bytes(b"\x00garbage" * 40),
