@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# A log file that can no longer be written (disk full) must not print a traceback per log call.
+logging.raiseExceptions = False
 # conf/hydra/launcher/{joblib,submitit_slurm}.yaml set this project's values for the launcher plugins'
 # configs of the same name, which Hydra 1.3 still validates them against (and warns about).
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
@@ -29,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
@@ -42,8 +46,9 @@ from encoders.extract import extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
 from encoders.model import EncodingModel  # noqa: E402
-from encoders.run_dir import CONFIG, LAST_CHECKPOINT, RunDir  # noqa: E402
+from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
 from encoders.run_record import git_commit, package_versions  # noqa: E402
+from encoders.storage import StorageError, is_storage_failure, reason, require_writable_dir  # noqa: E402
 from encoders.wandb_mode import wandb_offline  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
 from encoders.weights import WeightsError  # noqa: E402
 
@@ -54,7 +59,7 @@ class ConfigError(ValueError):
     """A config value train.py cannot use; the message names the key."""
 
 
-USER_ERRORS = (DataError, WeightsError, ConfigError)
+USER_ERRORS = (DataError, WeightsError, ConfigError, StorageError)
 
 
 def wandb_group(single_run_group: str) -> str:
@@ -191,7 +196,6 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
         metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
         predictions[split] = pred
-    run.write_metrics(metrics)
     run.write_voxel_metrics(per_split, dm.data.voxel_xyz, dm.rois)
     run.write_split(cfg.seed, dm.subject, dm.split_ids)
     if cfg.get("save_predictions", True):
@@ -203,7 +207,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
                     "layers": backbone.layers})
     if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
         est = model.head.estimator
-        run.write_ridge_cv(est.alphas, est.best_alphas_, est.cv_scores_)
+        run.write_ridge_cv(est.alphas, est.best_alphas_, est.cv_scores_, **est.cv_record())
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run.write_info({
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
@@ -214,6 +218,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
         "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
     })
+    run.write_metrics(metrics)  # last: a run directory with metrics.json is complete
     return metrics
 
 
@@ -263,7 +268,7 @@ def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run:
     trainer = build_trainer(cfg)
     if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        model.head.fit(model.features(features["train"]), dm.targets("train"))
+        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
         trainer.save_checkpoint(run.file(LAST_CHECKPOINT))
@@ -398,15 +403,79 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-def record_failure(run_dir: Path, err: BaseException, overrides: list[str]) -> None:
-    """Write failed.json (global rank 0 only) and log the failure."""
-    log.error("job failed (%s): %s: %s", " ".join(overrides), type(err).__name__, err)
-    if rank_zero_only.rank != 0:
+def record_failure(run_dir: Path, err: BaseException, overrides: list[str], console: bool = True) -> None:
+    """Write failed.json (global rank 0 only) and log the failure with its traceback (console=False: to the
+    log files only, e.g. train.log, when the console gets its own one-line message). A directory that holds
+    a finished run (metrics.json) is left as it is; a failure to write the record is only logged."""
+    text = f"job failed ({' '.join(overrides)}): {type(err).__name__}: {err}"
+    if console:
+        log.error(text)
+    else:
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, text, None, (type(err), err, err.__traceback__))
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    run = RunDir(run_dir)
+    if rank_zero_only.rank != 0 or run.is_run:
         return
-    RunDir(run_dir).write_failure({
-        "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
-        "type": type(err).__name__, "overrides": overrides,
-        "traceback": "".join(traceback.format_exception(err))})
+    try:
+        run.write_failure({
+            "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+            "type": type(err).__name__, "overrides": overrides,
+            "traceback": "".join(traceback.format_exception(err))})
+    except OSError as write_err:
+        log.warning("could not record the failure in %s: %s", run.file(FAILED), write_err)
+
+
+def storage_failure(err: BaseException, run_dir: Path) -> StorageError | None:
+    """A StorageError naming the path, for an OSError (anywhere in err's chain) saying that the file system
+    refused (disk full, read-only, no permission) where no code on the way named the file: its file, or
+    the run directory when there is none or it is a temp file (a library staging a file elsewhere)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and is_storage_failure(seen):
+            name = seen.filename and Path(os.fsdecode(seen.filename))
+            if name and (name.is_relative_to(run_dir) or name.parent != Path(tempfile.gettempdir())):
+                return StorageError(f"{name}: {reason(seen)}")
+            return StorageError(f"{run_dir}: {reason(seen)} while writing the run{f' (at {name})' if name else ''}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class RunDirChecks(Callback):
+    """Hydra callbacks of train.py (conf/train.yaml ``hydra.callbacks``).
+
+    Before Hydra writes anything: an output folder (hydra.run.dir, or a multirun's hydra.sweep.dir) that
+    cannot be written is one ``error:`` line, exit 2. After a multirun: if jobs of this sweep failed (their
+    failed.json, written or rewritten during it), one line saying how many and where, exit 1.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._require(config.hydra.run.dir, "run directory")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep = self._require(config.hydra.sweep.dir, "sweep directory")
+        self.earlier = {p: p.stat().st_mtime_ns for p in sweep.rglob(FAILED)}
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        earlier = getattr(self, "earlier", {})
+        failed = [f for f in find_failed(sweep)
+                  if earlier.get(f["dir"] / FAILED) != (f["dir"] / FAILED).stat().st_mtime_ns]
+        if failed:
+            first = failed[0]
+            print(f"error: {len(failed)} job(s) of the sweep failed (first: {first['dir'].name}: {first['type']}: "
+                  f"{first['error']}); see failed.json in their folders, or: python analyze.py analysis=summary "
+                  f"sweep_dir={sweep}", file=sys.stderr)
+            sys.exit(1)
+
+    @staticmethod
+    def _require(directory, what: str) -> Path:
+        try:
+            return require_writable_dir(str(directory), what)
+        except StorageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 HYDRA_VALUE_FLAGS = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir")
@@ -456,15 +525,17 @@ def ddp_job(cfg: DictConfig, run_dir: Path):
 
 
 def guarded(job, hydra_cfg, run_dir: Path):
-    """The one failure wrapper around a training job (``job()``): in a multirun any failure is recorded in
-    the job's failed.json and the sweep goes on (returns None); otherwise a user error (``user_error``) is
-    one ``error:`` line and exit code 2, and anything else is raised with its traceback."""
+    """The one failure wrapper around a training job (``job()``): a failure is recorded in the job's
+    failed.json and its traceback in the log (``record_failure``); in a multirun the sweep then goes on
+    (returns None; RunDirChecks makes the sweep exit 1 at the end); otherwise a user error (``user_error``,
+    or a storage failure) is one ``error:`` line and exit code 2, and anything else is raised."""
     try:
         return job()
     except Exception as err:
-        cause = user_error(err)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            record_failure(run_dir, cause or err, list(hydra_cfg.overrides.task))
+        cause = user_error(err) or storage_failure(err, run_dir)
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        record_failure(run_dir, cause or err, list(hydra_cfg.overrides.task), console=multirun or cause is None)
+        if multirun:
             return None
         if cause is None:
             raise
@@ -474,7 +545,8 @@ def guarded(job, hydra_cfg, run_dir: Path):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """One job. In a multirun a failing job records failed.json and returns None, so the other jobs go on."""
+    """One job. A failing job records failed.json and the traceback in its log; in a multirun it returns None,
+    so the other jobs go on (RunDirChecks makes the sweep exit 1 at the end); a single run prints one line."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
 

@@ -59,7 +59,7 @@ def reference_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int, seed: int
             ss_res = ((tb - pb) ** 2).sum(0)
             ss_tot = ((tb - tb.mean(0)) ** 2).sum(0)
             fail += (ss_res >= ss_tot).to(torch.float64)
-        out[start:start + voxel_batch] = (fail / n_boot).cpu().numpy()
+        out[start:start + voxel_batch] = ((fail + 1) / (n_boot + 1)).cpu().numpy()
     return out
 
 

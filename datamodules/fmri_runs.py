@@ -10,6 +10,8 @@ variance (ddof 1) averaged over samples, ncsnr = sqrt(max(0, 1 − σ²_noise)) 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.polynomial import legendre
 
@@ -46,7 +48,8 @@ def zscore_time(x: np.ndarray) -> np.ndarray:
 def invalid_columns(x: np.ndarray) -> np.ndarray:
     """Columns that are non-finite anywhere or constant over time: (n, v) -> bool (v,)."""
     finite = np.isfinite(x).all(axis=0)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: counted by the caller, not warned about
         constant = np.nanmax(x, axis=0) == np.nanmin(x, axis=0) if len(x) else np.ones(x.shape[1], bool)
     return ~finite | constant
 

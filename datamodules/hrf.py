@@ -11,7 +11,10 @@ undershoot 16, dispersions 1, ratio 6) peak at ≈ 5 s; Wen et al. 2018 used
 
     h = hrf_kernel("wen", dt=0.5)                                # (n_taps,)
     y = convolve_hrf(x, h)                                       # (n_frames, d), causal
-    z = sample_at_tr(y, frame_rate=2.0, tr=2.0, n_volumes=240)   # (n_volumes, d)
+    z = sample_at_times(y, frame_rate=2.0, times=5 + 2 * np.arange(240))   # (240, d): y at those seconds
+    z = sample_at_tr(y, frame_rate=2.0, tr=2.0, n_volumes=240)   # (n_volumes, d): mean over each TR
+
+Which times pair with which fMRI volumes is ``datamodules.video_timing``'s business (``data.timing``).
 """
 from __future__ import annotations
 
@@ -66,12 +69,32 @@ def hrf_kernel(hrf: str | Mapping[str, float], dt: float, length: float = 32.0) 
     return double_gamma_hrf(dt, **params)
 
 
-def convolve_hrf(x: np.ndarray, hrf: np.ndarray) -> np.ndarray:
-    """Causal convolution along time: x (n_frames, d) or (n_frames,), hrf (n_taps,) -> same shape, float64.
+def convolve_hrf(x: np.ndarray, hrf: np.ndarray, n_out: int | None = None) -> np.ndarray:
+    """Causal convolution along time: x (n_frames, d) or (n_frames,), hrf (n_taps,) -> (n_out or n_frames, …) float64.
 
-    y[n] = Σ_k hrf[k] · x[n − k] with x = 0 before the first frame (each run starts from rest).
+    y[n] = Σ_k hrf[k] · x[n − k] with x = 0 before the first frame (each run starts from rest) and after
+    the last one: ``n_out`` > n_frames continues into the response after the stimulus ends (MATLAB's
+    full ``conv``, which Wen et al. 2018 read past the movie's end).
     """
-    return lfilter(np.asarray(hrf, dtype=np.float64), [1.0], np.asarray(x, dtype=np.float64), axis=0)
+    x = np.asarray(x, dtype=np.float64)
+    if n_out is not None and n_out > len(x):
+        x = np.concatenate([x, np.zeros((n_out - len(x),) + x.shape[1:])])
+    y = lfilter(np.asarray(hrf, dtype=np.float64), [1.0], x, axis=0)
+    return y if n_out is None else y[:n_out]
+
+
+def sample_at_times(y: np.ndarray, frame_rate: float, times: np.ndarray) -> np.ndarray:
+    """y at the given times (s): the frame nearest each time (frame j sits at j / frame_rate s, halves round up).
+
+    y (n_frames, …) -> (n_times, …). Raises ValueError when a time falls before the first frame or
+    after the last one.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    index = np.floor(times * frame_rate + 0.5 + 1e-9).astype(np.int64)
+    if len(index) and (index.min() < 0 or index.max() >= len(y)):
+        raise ValueError(f"sample_at_times: times {times.min():g}..{times.max():g} s need frames "
+                         f"{index.min()}..{index.max()}, but y has {len(y)} frames at {frame_rate:g} Hz")
+    return np.asarray(y)[index]
 
 
 def sample_at_tr(x: np.ndarray, frame_rate: float, tr: float, n_volumes: int) -> np.ndarray:
@@ -98,5 +121,9 @@ def sample_at_tr(x: np.ndarray, frame_rate: float, tr: float, n_volumes: int) ->
 
 def frames_to_volumes(x: np.ndarray, frame_rate: float, tr: float, n_volumes: int,
                       hrf: str | Mapping[str, float] = "wen") -> np.ndarray:
-    """Frame-rate time series (n_frames, d) -> HRF-convolved, TR-sampled (n_volumes, d) float64."""
+    """Frame-rate time series (n_frames, d) -> HRF-convolved, averaged over each TR (n_volumes, d) float64.
+
+    Volume i is the mean over [i·TR, (i+1)·TR) of the convolved series, with no read offset
+    (``data.timing=first``; ``datamodules.video_timing`` has the released timing).
+    """
     return sample_at_tr(convolve_hrf(x, hrf_kernel(hrf, 1.0 / frame_rate)), frame_rate, tr, n_volumes)

@@ -24,11 +24,11 @@ import numpy as np
 from datamodules.errors import DataError
 from datamodules.fmri_runs import ncsnr_from_repeats
 from datamodules.image_stimuli import ImageDataModule, permute_within_columns
-from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, read_betas, read_coco_images,
-                                   read_cortex, read_dlabel, read_tsv, resolve_imagenet)
+from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
+                                   read_coco_images, read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import SubjectResponses
-from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels,
-                                       split_train_val, zscore_trials)
+from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns,
+                                       invalid_voxels, split_train_val, zscore_trials)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ def select_grayordinates(rois: dict[str, np.ndarray], roi_mask: Sequence[str] | 
 
 def run_stimuli(paths: NODPaths, run: Run, imagenet_dir: Path, coco_dir: Path, coco_csv: Path,
                 coco_names: list[str] | None) -> tuple[list[str], list[Path], int]:
-    """Relative names and files of a run's beta maps, in map order, and the events file's trial count."""
+    """Relative names and files of a run's beta maps, in map order, and the events file's trial count.
+
+    coco_csv: where the COCO order came from (coco_images.csv, or the events file it was derived from)."""
     events = paths.events(run)
     if run.is_coco:
         rows = read_tsv(events, ("onset", "trial_type"))
@@ -103,6 +105,21 @@ def image_folders(root: str | Path, imagenet_dir: str | Path | None = None,
             Path(coco_dir) if coco_dir else root / "stimuli/coco")
 
 
+def coco_order(paths: NODPaths, coco_runs: list[Run], coco_csv: Path, explicit: bool) -> tuple[list[str] | None, Path]:
+    """The COCO beta-map order and where it came from: coco_images.csv, or, when the default one is absent,
+    the sorted stim_file names of the COCO events (said in one warning line). A data.coco_images_csv that was
+    set explicitly must exist."""
+    if not coco_runs:
+        return None, coco_csv
+    if explicit or coco_csv.exists():
+        return read_coco_images(coco_csv), coco_csv
+    events = [paths.events(r) for r in coco_runs]
+    names = coco_order_from_events(events)
+    log.warning("%s not found: COCO beta maps taken in the sorted order of the %d COCO images named by the stim_file "
+                "column of %d COCO events files (NOD's coco_images.csv lists them so)", coco_csv, len(names), len(events))
+    return names, events[0]
+
+
 def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | None = None,
                      roi_mask: Sequence[str] | None = None, roi_files: Sequence[str] = DEFAULT_ROI_FILES,
                      n_cortex: int = N_CORTEX, zscore: bool = True, imagenet_dir: str | Path | None = None,
@@ -127,7 +144,7 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
         if missing:
             raise DataError(f"{paths.results_dir}: session {missing[0]} not found ({paths.sub} has {have})")
         runs = [r for r in runs if r.is_coco or r.session in wanted]
-    coco_names = read_coco_images(coco_csv) if any(r.is_coco for r in runs) else None
+    coco_names, coco_csv = coco_order(paths, [r for r in runs if r.is_coco], coco_csv, bool(coco_images_csv))
 
     # Stimuli first (cheap): every image named, so ids can be assigned before any betas are read.
     per_run = {run: run_stimuli(paths, run, imagenet_dir, coco_dir, coco_csv, coco_names) for run in runs}
@@ -141,7 +158,7 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
     selected = select_grayordinates(rois, roi_mask, n_cortex, roi_files)
 
     averager = RepeatAverager(len(selected), ids=np.arange(len(stim_names)))  # float32 sums, allocated once
-    bad = np.zeros(len(selected), dtype=bool)
+    invalid = InvalidVoxels(len(selected))
     coco_trials = []
     for run in runs:
         path, (names, _, n_events) = paths.betas(run), per_run[run]
@@ -149,24 +166,32 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
         if len(betas) != n_events:
             raise DataError(f"{path}: {len(betas)} beta maps (trials), but {paths.events(run)} lists {n_events} trials")
         if len(betas) != len(names):
-            raise DataError(f"{path}: {len(betas)} beta maps, but {coco_csv} lists {len(names)} COCO images")
+            raise DataError(f"{path}: {len(betas)} beta maps, but {coco_csv} lists {len(names)} COCO images"
+                            + ("" if coco_csv.suffix == ".csv" else " (sorted stim_file names: no coco_images.csv)"))
         reference.check_same(cortex)
         ids = np.array([stim_id[n] for n in names])
         with warnings.catch_warnings():  # all-NaN grayordinates: counted below, not warned about per run
             warnings.simplefilter("ignore", RuntimeWarning)
-            bad |= invalid_voxels(betas)
+            run_invalid = invalid_voxels(betas)
+        if run_invalid.all():
+            raise DataError(f"{path}: all {len(run_invalid)} selected grayordinates are NaN or constant over the "
+                            f"run's {len(betas)} maps")
+        invalid.add(run_invalid, path.name)
         values = zscore_trials(betas) if zscore else np.nan_to_num(betas)
         averager.add(ids, values)
         if run.is_coco:
             coco_trials.append(values)
         del betas
     stim_ids, responses, counts = averager.result()
+    bad = invalid.mask
     if bad.all():
-        raise DataError(f"{paths.results_dir}: every selected grayordinate is NaN or constant in some run")
+        raise DataError(f"{paths.results_dir}: every selected grayordinate is NaN or constant in one of the runs "
+                        f"{describe_blocks(invalid.blocks_of())}")
     for name in roi_mask or ():
         if not (rois[name][selected] & ~bad).any():
-            raise DataError(f"data.roi_mask: ROI '{name}' ({origin[name]}) is empty after removing "
-                            f"{int(bad.sum())} grayordinates with NaN or constant betas")
+            raise DataError(f"data.roi_mask: ROI '{name}' ({origin[name]}) is empty after removing its "
+                            f"grayordinates with NaN or constant betas in "
+                            f"{describe_blocks(invalid.blocks_of(rois[name][selected]))}")
     if bad.any():
         log.warning("%s: dropped %d of %d grayordinates with NaN or constant betas",
                     paths.sub, int(bad.sum()), len(bad))

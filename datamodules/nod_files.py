@@ -9,13 +9,16 @@ Layout under ``root`` (XX = subject 01.., SS = ImageNet session 01.., R = run 1.
     derivatives/ciftify/sub-XX/results/ses-floc_task-floc/floc-{faces,bodies,places,words}.dlabel.nii
     stimuli/imagenet/<synset>/<synset>_<n>.JPEG      (or the user's ImageNet folder: data.imagenet_dir)
     stimuli/coco/<name>.jpg                          (or the user's COCO folder: data.coco_dir)
-    stimuli/coco_images.csv                          columns num,img: the 120 COCO images (data.coco_images_csv)
+    stimuli/coco_images.csv                          columns num,img: the 120 COCO images (data.coco_images_csv);
+                                                     if absent, the same order from the COCO events' stim_file
 
 Betas: CIFTI-2 dscalar, one map (row) per trial, grayordinates (BrainModelAxis) as columns; only the
 cortical surface grayordinates (CORTEX_LEFT + CORTEX_RIGHT, 59412 in fsLR 32k) are used, so files with
 all 91282 grayordinates and files with only the 59412 cortical ones are both accepted. ImageNet maps
 are in the events file's row order (``stim_file`` names the image, relative to ``stimuli/``); COCO maps
-are in the order of ``coco_images.csv`` (NOD's GLM writes the COCO conditions sorted by image index).
+are in the order of ``coco_images.csv`` (NOD's GLM writes the COCO conditions sorted by image index;
+that support file lists the 120 images sorted by file name). Without it, ``coco_order_from_events``
+derives the same order: the file names in the COCO events' ``stim_file`` column, sorted.
 Every failure is a DataError whose message names the file, key or shape at fault.
 
 Sources: the paths, the map orders and ``stim_file`` relative to ``stimuli/`` follow NOD's own code
@@ -31,7 +34,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
@@ -144,6 +147,31 @@ def read_coco_images(path: Path) -> list[str]:
     return [r["img"] for r in rows]
 
 
+def coco_order_from_events(events: list[Path]) -> list[str]:
+    """The COCO beta-map order without coco_images.csv: the file names in the COCO runs' events ``stim_file``
+    column (e.g. 'coco/<name>.jpg' -> '<name>.jpg'), sorted, as NOD's support file lists them. Every COCO
+    run must show the same images, each once; DataError naming the events file otherwise."""
+    order, first = None, None
+    for path in events:
+        rows = read_tsv(path, ("onset", "trial_type", "stim_file"))
+        names = [PurePosixPath(r["stim_file"].replace("\\", "/")).name for r in rows]
+        if not names or not all(names):
+            raise DataError(f"{path}: empty stim_file, cannot order the COCO beta maps without coco_images.csv")
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise DataError(f"{path}: stim_file '{dup}' shown twice in one COCO run")
+        names = sorted(names)
+        if order is None:
+            order, first = names, path
+        elif names != order:
+            other = sorted(set(names) ^ set(order))
+            raise DataError(f"{path}: its COCO images differ from those of {first.name} (e.g. '{other[0]}' "
+                            f"is in one only)" if other else f"{path}: differs from {first.name}")
+    if order is None:
+        raise DataError("no COCO events file to order the COCO beta maps by")
+    return order
+
+
 # --------------------------------------------------------------------------- CIFTI-2
 def load_cifti(path: Path) -> nib.Cifti2Image:
     """Open a CIFTI-2 file (header only; data is read lazily)."""
@@ -227,9 +255,17 @@ def read_dlabel(path: Path, n_cortex: int) -> tuple[dict[str, np.ndarray], Corte
         raise DataError(f"{path}: cannot read the CIFTI-2 label axis ({one_line(err)})") from None
     if not isinstance(labels, nib.cifti2.LabelAxis):
         raise DataError(f"{path}: rows are a {type(labels).__name__}, expected a label table (dlabel, LabelAxis)")
-    values = np.rint(read_matrix(img, path)[:, cortex.columns]).astype(np.int64)
+    data = read_matrix(img, path)[:, cortex.columns]
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: label values must be finite integers")
+    values = np.rint(data).astype(np.int64)
     masks: dict[str, np.ndarray] = {}
-    for row, table in zip(values, labels.label):
+    for index, (row, table) in enumerate(zip(values, labels.label)):
+        unlisted = np.setdiff1d(np.unique(row[row > 0]), [int(k) for k in table])
+        if len(unlisted):  # its grayordinates would silently belong to no named ROI
+            k = int(unlisted[0])
+            raise DataError(f"{path}: map {index} holds label {k} ({int((row == k).sum())} grayordinates), which "
+                            f"its label table does not list (it lists {sorted(int(k) for k in table)})")
         for key, (name, _) in table.items():
             if key > 0 and (row == key).any():
                 masks[name] = masks.get(name, np.zeros(n_cortex, bool)) | (row == key)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import DataError
-from datamodules.image_stimuli import ImageDataModule, StimulusDataset, permute_within_columns  # noqa: F401
+from datamodules.image_stimuli import ImageDataModule, permute_within_columns
 from datamodules.nsd_files import (ExpDesign, Labels, Layout, NSDPaths, StimulusBrick, read_expdesign, read_grid,
                                    read_labels, read_session, session_trials)
-from datamodules.preprocessing import (RepeatAverager, drop_columns, invalid_voxels, split_train_val,
-                                       zscore_trials)
+from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns, invalid_voxels,
+                                       split_train_val, zscore_trials)
 from datamodules.serving import SPLITS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,19 @@ def session_responses(paths: NSDPaths, design: ExpDesign, sessions: Sequence[int
         yield session, stims, betas, bad
 
 
+def record_invalid(paths: NSDPaths, session: int, locs: np.ndarray, session_invalid: np.ndarray, where: str,
+                   invalid: InvalidVoxels) -> None:
+    """Add a session's NaN/constant positions (bool (n,) over locs) to ``invalid``, each under the file it
+    came from (surfaces: the hemisphere's file). DataError naming a file whose selected positions are all
+    NaN or constant over the session: the file is broken, not a few voxels."""
+    for h, path in enumerate(paths.betas_files(session)):
+        mine = locs[:, 0] == h if paths.surface else np.ones(len(locs), dtype=bool)
+        if mine.any() and session_invalid[mine].all():
+            raise DataError(f"{path}: all {int(mine.sum())} selected {'vertices' if paths.surface else 'voxels'} "
+                            f"({where}) are NaN or constant over the session's trials")
+        invalid.add(session_invalid & mine, path.name)
+
+
 def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None = None,
                  roi_mask: str = "nsdgeneral", roi_files: Sequence[str] = DEFAULT_ROI_FILES,
                  zscore: bool = True, *, space: str = "func1pt8mm", beta_format: str | None = None,
@@ -219,7 +232,8 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         stims[session] = design.trial_stimuli(paths.subject, session, n_trials)
     all_stim = np.concatenate([stims[s] for s in chosen])
 
-    bad = np.zeros(len(locs), dtype=bool)
+    where = f"'{roi_mask}'" + (f" ∩ {list(rois)}" if rois else "")
+    invalid = InvalidVoxels(len(locs))
     if average_repeats:
         averager = RepeatAverager(len(locs), ids=all_stim)
     else:  # rows sorted by (id, session, trial): the trials of an image are adjacent
@@ -227,9 +241,9 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
         responses = np.empty((len(all_stim), len(locs)), dtype=np.float32)
-    for k, (session, _, betas, invalid) in enumerate(session_responses(paths, design, chosen, locs, layout, zscore,
-                                                                       n_trials)):
-        bad |= invalid
+    for k, (session, _, betas, session_invalid) in enumerate(session_responses(paths, design, chosen, locs, layout,
+                                                                               zscore, n_trials)):
+        record_invalid(paths, session, locs, session_invalid, where, invalid)
         if average_repeats:
             averager.add(stims[session], betas)
         else:
@@ -248,13 +262,14 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         trials = {"trial_session": np.repeat(np.asarray(chosen), n_trials)[order],
                   "trial_index": np.tile(np.arange(n_trials), len(chosen))[order],
                   "repeat_index": np.arange(len(stim_ids)) - first_row[inverse]}
-    where = f"'{roi_mask}'" + (f" ∩ {list(rois)}" if rois else "")
+    bad = invalid.mask
     for name, mask in requested.items():
         if not (mask & ~bad).any():
-            raise DataError(f"data.rois: ROI '{name}' is empty after dropping its {int(mask.sum())} NaN or "
-                            f"constant voxels ({paths.betas_dir})")
+            raise DataError(f"data.rois: ROI '{name}' is empty after dropping its {int(mask.sum())} NaN or constant "
+                            f"voxels (in {describe_blocks(invalid.blocks_of(mask))}, {paths.betas_dir})")
     if bad.all():
-        raise DataError(f"{paths.betas_dir}: every voxel in {where} is NaN or constant")
+        raise DataError(f"{paths.betas_dir}: every voxel in {where} is NaN or constant in one of the sessions "
+                        f"{describe_blocks(invalid.blocks_of())}")
     if bad.any():
         log.warning("%s: dropped %d of %d voxels in %s with NaN or constant betas",
                     paths.subj, int(bad.sum()), len(bad), where)

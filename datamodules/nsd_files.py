@@ -336,19 +336,45 @@ def read_labels(paths: NSDPaths, name: str) -> Labels:
     if not np.all(np.isfinite(grid)):
         raise DataError(f"{layout.source}: ROI labels must be finite integers")
     grid = np.rint(grid).astype(np.int32)
-    table = read_ctab(paths.ctab(name)) if paths.ctab(name).exists() else DEFAULT_LABELS.get(name)
+    ctab = paths.ctab(name)
+    table = read_ctab(ctab) if ctab.exists() else DEFAULT_LABELS.get(name)
     if table is None:
-        table = {int(k): f"{name}-{int(k)}" for k in np.unique(grid) if k > 0}
+        return Labels(name, grid, {int(k): f"{name}-{int(k)}" for k in np.unique(grid) if k > 0}, layout)
+    unlisted = np.setdiff1d(np.unique(grid[grid > 0]), list(table))
+    if len(unlisted):  # its positions would silently belong to no named ROI
+        k = int(unlisted[0])
+        where = str(ctab) if ctab.exists() else f"NSD's table for '{name}' (there is no {ctab})"
+        raise DataError(f"{layout.source}: holds label {k} ({int((grid == k).sum())} positions), which its label "
+                        f"table {where} does not list (it lists {sorted(table)})")
     return Labels(name, grid, table, layout)
 
 
+CTAB_LINE = re.compile(r"\s*(-?\d+)\s+(\S+)(\s.*)?")
+
+
 def read_ctab(path: Path) -> dict[int, str]:
-    """FreeSurfer colour table -> {k: name}, k >= 1 only."""
-    table = {}
-    for line in require(path).read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].lstrip("-").isdigit() and int(parts[0]) > 0:
-            table[int(parts[0])] = parts[1]
+    """FreeSurfer colour table -> {k: name}, k >= 1 only.
+
+    Every line must be blank, a ``#`` comment, or ``<int> <name> [R G B A ...]``; anything else (e.g.
+    ``2,FFA-1``), or a label number listed twice, is a DataError naming the file and line.
+    """
+    try:
+        text = require(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the label table ({err})") from None
+    table: dict[int, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = CTAB_LINE.fullmatch(line)
+        if m is None:
+            raise DataError(f"{path}: line {number} {line.strip()!r} is not '<label number> <name> ...' "
+                            f"(nor blank or a # comment)")
+        k = int(m.group(1))
+        if k in table:
+            raise DataError(f"{path}: line {number} lists label {k} again ({table[k]!r} before, now {m.group(2)!r})")
+        if k > 0:
+            table[k] = m.group(2)
     return table
 
 
@@ -561,7 +587,8 @@ class StimulusBrick:
     """Lazy reader of imgBrick: images are read one at a time by 0-based 73k id.
 
     The HDF5 file is opened on first use in each process (safe with DataLoader workers).
-    ``image(i)`` -> uint8 (H, W, 3).
+    ``image(i)`` -> uint8 (H, W, 3). Any dtype other than uint8 is refused (DataError): a float
+    brick in 0..255 would otherwise be scaled differently by the backbone's transform.
     """
 
     def __init__(self, path: Path):
@@ -569,13 +596,16 @@ class StimulusBrick:
         self._file: h5py.File | None = None
         try:
             with h5py.File(self.path, "r") as f:
-                if "imgBrick" not in f:
+                if not isinstance(f.get("imgBrick"), h5py.Dataset):
                     raise DataError(f"{self.path}: dataset 'imgBrick' missing (found {sorted(f)})")
-                self.shape = f["imgBrick"].shape
+                self.shape, dtype = f["imgBrick"].shape, f["imgBrick"].dtype
         except OSError as err:
             raise DataError(f"{self.path}: cannot read as HDF5 ({err})") from None
         if len(self.shape) != 4 or self.shape[-1] != 3:
             raise DataError(f"{self.path}: 'imgBrick' has shape {self.shape}, expected (n, H, W, 3)")
+        if dtype != np.uint8:  # NSD ships 8-bit RGB; any other type would be scaled differently by the transform
+            raise DataError(f"{self.path}: 'imgBrick' has dtype {dtype}, expected uint8 (8-bit RGB, as NSD ships "
+                            f"it); convert the images to uint8 0..255 first")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -584,9 +614,12 @@ class StimulusBrick:
         if not 0 <= int(stim_id) < self.shape[0]:
             raise DataError(f"{self.path}: stimulus id {int(stim_id)} out of range, 'imgBrick' {self.shape} "
                             f"holds ids 0..{self.shape[0] - 1}")
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file["imgBrick"][int(stim_id)]
+        try:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+            return self._file["imgBrick"][int(stim_id)]
+        except READ_ERRORS as err:
+            raise DataError(f"{self.path}: cannot read image {int(stim_id)} of 'imgBrick' ({err})") from None
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}

@@ -21,6 +21,39 @@ def invalid_voxels(betas: np.ndarray) -> np.ndarray:
     return out
 
 
+class InvalidVoxels:
+    """Voxels found NaN/inf or constant in some block of data (a session or run file), remembering the
+    first block that made each one invalid, so that messages can name the file at fault.
+
+    add(invalid bool (n_voxels,), block name); ``mask`` bool (n_voxels,); blocks_of(where) -> the block
+    names (in the order added) that made the voxels in ``where`` invalid.
+    """
+
+    def __init__(self, n_voxels: int):
+        self.first = np.full(n_voxels, -1, dtype=np.int32)
+        self.blocks: list[str] = []
+
+    def add(self, invalid: np.ndarray, block: str) -> None:
+        new = np.asarray(invalid, dtype=bool) & (self.first < 0)
+        if new.any():
+            self.blocks.append(block)
+            self.first[new] = len(self.blocks) - 1
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.first >= 0
+
+    def blocks_of(self, where: np.ndarray | None = None) -> list[str]:
+        first = self.first if where is None else self.first[np.asarray(where, dtype=bool)]
+        return [self.blocks[k] for k in np.unique(first[first >= 0])]
+
+
+def describe_blocks(blocks: list[str], limit: int = 3) -> str:
+    """'a, b, c (+ 2 more)': a short list of file names for a one-line message."""
+    more = f" (+ {len(blocks) - limit} more)" if len(blocks) > limit else ""
+    return ", ".join(blocks[:limit]) + more
+
+
 def zscore_trials(betas: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Z-score each voxel across the trials of one session: (n_trials, n_voxels) float32.
 

@@ -5,15 +5,18 @@ Movies are sequences of shots; each shot shows one procedurally drawn image
 cortical vertex responds to per-frame features — the shot's category (category-selective
 vertices), the luminance of the frame's quadrants and its contrast (low-level vertices), both
 (mixed), or, with ``extra_signal_fn``, any function of the frames (noise-free "extra" vertices)
-— convolved with the HRF at the frame rate and averaged per TR (:mod:`datamodules.hrf`, the
-same model the datamodule uses). Each run adds white noise at the vertex's SNR, a cubic drift
-and a baseline; a few vertices are dead (constant).
+— convolved with the HRF at the frame rate and taken per volume with the released timing of Wen et
+al. 2018 (:mod:`datamodules.video_timing`, the datamodule's default): like the real runs, each run
+of a training movie and of test1 has n_volumes + 5 volumes, each of test2… n_volumes + 6, and the
+volume that the released code keeps as k carries the convolved features at 5 s + k·TR (the 1 or 2
+volumes before them and the 4 after them follow the same clock). Each run adds white noise at the
+vertex's SNR, a cubic drift and a baseline; a few vertices are dead (constant).
 
 Layout under ``DIR`` (S = subject, K = segment, R = repeat)::
 
     stimuli/segK.mp4, stimuli/testK.mp4                       H.264, frame_size², fps, n_volumes·tr s
-    subjectS/fmri/segK/cifti/segK_R_Atlas.dtseries.nii        R = 1..train_repeats
-    subjectS/fmri/testK/cifti/testK_R_Atlas.dtseries.nii      R = 1..test_repeats
+    subjectS/fmri/segK/cifti/segK_R_Atlas.dtseries.nii        R = 1..train_repeats, n_volumes + 5 volumes
+    subjectS/fmri/testK/cifti/testK_R_Atlas.dtseries.nii      R = 1..test_repeats, n_volumes + 5 (test1) or + 6
     ground_truth.h5                                           see ``_write_ground_truth``
     synthetic_video.json                                      generation parameters (written last)
 
@@ -38,12 +41,12 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from datamodules.hrf import frames_to_volumes
 from datamodules.atomic_dir import ensure_generated, write_dir_atomically
 from datamodules.synthetic_images import CATEGORIES, render
 from datamodules.video_files import VideoPaths, write_dtseries, write_mp4
+from datamodules.video_timing import TRAILING_VOLUMES, convolved_at, released_times
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: runs of n_volumes + 5 / + 6 volumes, signal on the released timing
 BASELINE = 10000.0      # BOLD intensity scale of the runs
 SIGNAL_PSC = 1.0        # signal sd in % of the baseline
 DRIFT_SD = 2.0          # cubic drift sd, in signal sds
@@ -68,6 +71,16 @@ def ground_truth_path(root) -> pathlib.Path:
 def stimulus_names(p: dict) -> list[str]:
     return ([f"seg{k}" for k in range(1, p["n_train_segments"] + 1)]
             + [f"test{k}" for k in range(1, p["n_test_segments"] + 1)])
+
+
+def lead_volumes(stimulus: str) -> int:
+    """Volumes before the kept ones, as released: 1 for the training movies and test1, 2 for test2…"""
+    return 2 if stimulus.startswith("test") and stimulus != "test1" else 1
+
+
+def run_volumes(stimulus: str, n_volumes: int) -> int:
+    """Volumes in each run of ``stimulus``: the kept n_volumes, its lead volumes and 4 after (245 / 246)."""
+    return lead_volumes(stimulus) + n_volumes + TRAILING_VOLUMES
 
 
 def normalise_params(**params) -> dict:
@@ -158,24 +171,33 @@ def plan_vertices(rng: np.random.Generator, n_cortex: int, n_dead: int, n_extra:
 
 def planted_signals(per_frame: dict[str, np.ndarray], plan: dict, extra: dict[str, np.ndarray] | None,
                     p: dict, train: list[str]) -> dict[str, np.ndarray]:
-    """Noise-free responses per stimulus (n_volumes, n_cortex), unit variance over the training segments."""
+    """Noise-free responses per stimulus for every volume of its runs (run_volumes, n_cortex): volume j
+    carries the convolved frame signal at 5 s + (j − lead)·TR (the released timing); unit variance over
+    the kept volumes of the training segments."""
     signals = {}
     for s, feats in per_frame.items():
         frame_signal = feats @ plan["weights"]
         if extra is not None:
             cols = plan["extra_column"]
             frame_signal[:, cols >= 0] = extra[s][:, cols[cols >= 0]]
-        signals[s] = frames_to_volumes(frame_signal, p["fps"], p["tr"], p["n_volumes"], p["hrf"])
-    stacked = np.concatenate([signals[s] for s in train])
+        times = released_times(p["n_volumes"] + TRAILING_VOLUMES, p["tr"], first=-lead_volumes(s))
+        signals[s] = convolved_at(frame_signal, p["fps"], times, p["hrf"])
+    stacked = np.concatenate([kept(signals[s], s, p) for s in train])
     mean, std = stacked.mean(0), stacked.std(0)
     std[std == 0] = 1.0
     dead = plan["kind"] == "dead"
     return {s: np.where(dead, 0.0, (v - mean) / std) for s, v in signals.items()}
 
 
+def kept(run: np.ndarray, stimulus: str, p: dict) -> np.ndarray:
+    """The volumes of a run of ``stimulus`` that the released timing keeps: (n_volumes, …)."""
+    return run[lead_volumes(stimulus):lead_volumes(stimulus) + p["n_volumes"]]
+
+
 def run_data(rng: np.random.Generator, signal: np.ndarray, snr: np.ndarray, dead: np.ndarray,
              n_subcortical: int) -> np.ndarray:
-    """One run (n_volumes, n_cortex + n_subcortical) float32: baseline·(1 + psc/100·(signal + noise + drift))."""
+    """One run (n_time, n_cortex + n_subcortical) float32: baseline·(1 + psc/100·(signal + noise + drift)),
+    signal (n_time, n_cortex)."""
     n, v = signal.shape
     t = np.linspace(-1, 1, n)
     drift = np.stack([t ** k for k in range(4)], axis=1) @ rng.normal(0, DRIFT_SD / 2, (4, v))
@@ -196,7 +218,8 @@ def compute_extra(frames: np.ndarray, fn: Callable, batch: int = 256) -> np.ndar
 def _write_ground_truth(path: pathlib.Path, p: dict, categories: dict, subjects: list[dict]) -> None:
     """ground_truth.h5: /categories, /frame_category/<stim> (n_frames,); per subject /subjectS/: kind,
     preferred (-1 = none), weights (11, n_cortex) over [6 categories, 4 quadrant luminances, contrast],
-    extra_column, snr (n_cortex,), hemisphere, vertex, signal/<stim> (n_volumes, n_cortex) noise-free."""
+    extra_column, snr (n_cortex,), hemisphere, vertex, signal/<stim> (n_volumes, n_cortex) noise-free, at
+    the volumes the released timing keeps (aligned with the datamodule's responses)."""
     with h5py.File(path, "w", track_order=True) as f:
         f.attrs["params"] = json.dumps(p)
         f.create_dataset("categories", data=np.array(CATEGORIES, dtype="S"))
@@ -249,9 +272,11 @@ def _build(root: pathlib.Path, p: dict, extra_signal_fn: Callable | None) -> Non
                 write_dtseries(paths.cifti(s, r), run_data(r_noise, signals[s], snr, dead, p["n_subcortical"]),
                                p["tr"], surfaces, mask)
         subjects.append({**plan, "snr": snr, "hemisphere": np.repeat([0, 1], [n_left, n_right]),
-                         "vertex": np.concatenate([v for _, v, _ in surfaces]), "signal": signals})
+                         "vertex": np.concatenate([v for _, v, _ in surfaces]),
+                         "signal": {s: kept(v, s, p) for s, v in signals.items()}})
     _write_ground_truth(ground_truth_path(root), p, categories, subjects)
-    meta = {**p, "version": FORMAT_VERSION, "stimuli": names, "categories": list(CATEGORIES)}
+    meta = {**p, "version": FORMAT_VERSION, "stimuli": names, "categories": list(CATEGORIES),
+            "run_volumes": {s: run_volumes(s, p["n_volumes"]) for s in names}, "timing": "released"}
     meta_path(root).write_text(json.dumps(meta, indent=2) + "\n")
 
 

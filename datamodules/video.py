@@ -1,16 +1,19 @@
 """Video fMRI (Wen et al. 2018): one subject's runs, their preprocessing and the Lightning datamodule.
 
 Samples are fMRI volumes (TRs), not images. ``load_video_subject`` reads every run of every segment
-(``datamodules.video_files`` layout), keeps the first ``n_volumes`` volumes of the cortex, removes a
-polynomial trend (order 4), z-scores each vertex per run and averages the repeats; the noise
-ceiling SNR comes from the test repeats (NSD's formula). ``VideoDataModule`` splits by whole
-segments: test = the test movies, validation = ``val_segments`` whole training segments (seeded),
-train = the rest, so no time point is ever shuffled across the splits. Its ``prepare_features``
-decodes the movies (every ``frame_stride``-th frame), extracts per-frame backbone features,
-z-scores them with training statistics, optionally reduces them by PCA (fitted on training
-segments only), convolves them with the HRF at the frame rate, averages them per TR and removes
-from each segment the same polynomial trend as from the runs (``detrend_features``: the fMRI's
-temporal filter applied to the regressors too, so a linear relation between them survives it). The backbone pass itself (and the feature cache) is handed in
+(``datamodules.video_files`` layout), keeps ``n_volumes`` volumes of the cortex (``timing``,
+``datamodules.video_timing``: by default as the authors' released code, dropping the first 1 or 2
+volumes by the run's length and the last 4), removes a polynomial trend (order 4), z-scores each
+vertex per run and averages the repeats; the noise ceiling SNR comes from the test repeats (NSD's
+formula). ``VideoDataModule`` splits by whole segments: test = the test movies, validation =
+``val_segments`` whole training segments (seeded), train = the rest, so no time point is ever
+shuffled across the splits. Its ``prepare_features`` decodes the movies (every ``frame_stride``-th
+frame), extracts per-frame backbone features, z-scores them with training statistics, optionally
+reduces them by PCA (fitted on training segments only), convolves them with the HRF at the frame
+rate, takes them per kept volume (``timing``: released = the convolved series at 5 s + k·TR; first
+= its mean over each TR) and removes from each segment the same polynomial trend as from the runs
+(``detrend_features``: the fMRI's temporal filter applied to the regressors too, so a linear
+relation between them survives it). The backbone pass itself (and the feature cache) is handed in
 by train.py: datamodules never import encoders.
 
 Sample ids: stimulus position × n_volumes + volume, with positions in ``stimuli`` order
@@ -30,10 +33,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.errors import DataError
 from datamodules.fmri_runs import (RepeatMoments, detrend_polynomial, invalid_columns, ncsnr_from_noise_variance,
                                    zscore_time)
-from datamodules.hrf import frames_to_volumes, hrf_kernel
+from datamodules.hrf import hrf_kernel
+from datamodules.preprocessing import InvalidVoxels, describe_blocks
 from datamodules.serving import ResponseDataModule
 from datamodules.video_features import FeatureReducer
 from datamodules.video_files import VideoPaths, iter_frames, probe_video, read_cortex_series
+from datamodules.video_timing import check_timing, volume_features
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +94,10 @@ def _check_stimulus_files(paths: VideoPaths, stimuli: dict[str, int], n_volumes:
 def load_video_subject(root: str | Path, subject: int, train: Sequence[str], test: Sequence[str],
                        train_repeats: int = 2, test_repeats: int = 10, n_volumes: int = 240, tr: float = 2.0,
                        fps: float = 30.0, n_cortex: int = 59412, detrend_order: int = 4,
-                       stimuli_dir: str = "stimuli") -> VideoResponses:
-    """Read, trim, detrend, z-score and repeat-average one subject's runs (one run in memory at a time)."""
+                       stimuli_dir: str = "stimuli", timing: str = "released") -> VideoResponses:
+    """Read, trim (``timing``, see datamodules.video_timing), detrend, z-score and repeat-average one
+    subject's runs (one run in memory at a time)."""
+    check_timing(timing)
     paths = VideoPaths(Path(root), int(subject), stimuli_dir)
     if not paths.subject_dir.is_dir():
         raise DataError(f"{paths.subject_dir}: subject folder not found")
@@ -98,23 +105,29 @@ def load_video_subject(root: str | Path, subject: int, train: Sequence[str], tes
         raise DataError(f"data.test_repeats={test_repeats}: the noise ceiling needs at least 2 test repeats")
     stimuli = {**{s: train_repeats for s in train}, **{s: test_repeats for s in test}}
     _check_stimulus_files(paths, stimuli, n_volumes, tr, fps)
-    responses, bad, noise_var, grayordinates = {}, np.zeros(n_cortex, bool), np.zeros(n_cortex), None
+    responses, invalid, noise_var, grayordinates = {}, InvalidVoxels(n_cortex), np.zeros(n_cortex), None
     for stimulus, n_rep in stimuli.items():
         moments = RepeatMoments()
         for r in range(1, n_rep + 1):
             path = paths.cifti(stimulus, r)
-            run, grays = read_cortex_series(path, n_cortex, n_volumes)
+            run, grays = read_cortex_series(path, n_cortex, n_volumes, timing)
             if grayordinates is None:
                 grayordinates, first = grays, path
             elif grays != grayordinates:
                 raise DataError(f"{path}: its cortical grayordinates differ from those of {first}")
-            bad |= invalid_columns(run)
+            run_invalid = invalid_columns(run)
+            if run_invalid.all():
+                raise DataError(f"{path}: all {n_cortex} cortical grayordinates are NaN or constant over the "
+                                f"{n_volumes} volumes kept")
+            invalid.add(run_invalid, path.name)
             moments.add(zscore_time(detrend_polynomial(np.nan_to_num(run), detrend_order)))
         responses[stimulus] = moments.mean()
         if stimulus in test:
             noise_var += moments.noise_variance() / len(test)
+    bad = invalid.mask
     if bad.all():
-        raise DataError(f"{paths.subject_dir}: every cortical grayordinate is NaN or constant in some run")
+        raise DataError(f"{paths.subject_dir}: every cortical grayordinate is NaN or constant in one of the runs "
+                        f"{describe_blocks(invalid.blocks_of())}")
     if bad.any():
         log.warning("subject%d: dropped %d of %d grayordinates that are NaN or constant in some run",
                     subject, int(bad.sum()), n_cortex)
@@ -126,7 +139,7 @@ def load_video_subject(root: str | Path, subject: int, train: Sequence[str], tes
         subject=int(subject), responses={s: np.ascontiguousarray(r[:, keep]) for s, r in responses.items()},
         n_repeats=stimuli, voxel_xyz=xyz, ncsnr=ncsnr_from_noise_variance(noise_var[keep]), rois=rois,
         n_dropped=int(bad.sum()),
-        info={"n_volumes": n_volumes, "tr": tr, "fps": fps, "n_cortex": n_cortex, "detrend_order": detrend_order,
+        info={"n_volumes": n_volumes, "timing": timing, "tr": tr, "fps": fps, "n_cortex": n_cortex, "detrend_order": detrend_order,
               "voxel_xyz_columns": ["grayordinate", "hemisphere (0 left, 1 right)", "surface vertex"]})
 
 
@@ -161,7 +174,7 @@ class VideoDataModule(ResponseDataModule):
                  detrend_order: int = 4, detrend_features: bool = True, frame_stride: int = 15,
                  hrf: str | dict = "wen", pca_variance: float | None = None, val_segments: int = 2, seed: int = 0,
                  stimuli_dir: str = "stimuli", batch_size: int = 128, frame_batch_size: int = 64,
-                 name: str = "video"):
+                 name: str = "video", timing: str = "released"):
         super().__init__(seed, batch_size)
         self.root, self.subject, self.stimuli_dir = Path(root), int(subject), stimuli_dir
         self.train_stimuli = segment_names("seg", train_segments)
@@ -172,7 +185,7 @@ class VideoDataModule(ResponseDataModule):
         self.hrf = hrf if isinstance(hrf, str) else dict(hrf)
         self.pca_variance, self.detrend_features = pca_variance, bool(detrend_features)
         self.val_segments, self.frame_batch_size = int(val_segments), frame_batch_size
-        self.name = name
+        self.name, self.timing = name, timing
         self._validate()
         self.paths = VideoPaths(self.root, self.subject, stimuli_dir)
         self.data: VideoResponses | None = None
@@ -190,6 +203,7 @@ class VideoDataModule(ResponseDataModule):
             raise ValueError(f"data.frame_stride={self.frame_stride} leaves less than one frame per TR "
                              f"({self.fps:g} fps, TR {self.tr:g} s)")
         hrf_kernel(self.hrf, self.frame_stride / self.fps)  # an unknown preset fails here, not after extraction
+        check_timing(self.timing)
 
     @property
     def stimuli(self) -> list[str]:
@@ -200,7 +214,7 @@ class VideoDataModule(ResponseDataModule):
             return
         data = load_video_subject(self.root, self.subject, self.train_stimuli, self.test_stimuli, self.train_repeats,
                                   self.test_repeats, self.n_volumes, self.tr, self.fps, self.n_cortex,
-                                  self.detrend_order, self.stimuli_dir)
+                                  self.detrend_order, self.stimuli_dir, self.timing)
         rng = np.random.default_rng(self.seed)
         val = sorted(rng.choice(len(self.train_stimuli), self.val_segments, replace=False).tolist())
         self.split_stimuli = {"train": [s for k, s in enumerate(self.train_stimuli) if k not in val],
@@ -257,8 +271,8 @@ class VideoDataModule(ResponseDataModule):
         reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance)
         reducer.fit(np.concatenate([frames[s] for s in self.split_stimuli["train"]]))
         rate = self.fps / self.frame_stride
-        per_tr = {s: frames_to_volumes(reducer.transform(frames[s]), rate, self.tr, self.n_volumes, self.hrf)
-                  for s in self.stimuli}
+        per_tr = {s: volume_features(reducer.transform(frames[s]), rate, self.tr, self.n_volumes, self.hrf,
+                                     self.timing) for s in self.stimuli}
         if self.detrend_features:  # the runs' temporal filter, so Y = XW stays Y' = X'W after it
             per_tr = {s: detrend_polynomial(x, self.detrend_order) for s, x in per_tr.items()}
         features = {split: torch.from_numpy(np.concatenate([per_tr[s] for s in names]).astype(np.float32))
@@ -266,6 +280,7 @@ class VideoDataModule(ResponseDataModule):
         self.set_features(features)
         counts = {k: sum(v == k for v in status.values()) for k in sorted(set(status.values()))}
         info = {"frames_per_movie": int(len(self.frame_indices())), "frame_rate": rate, "hrf": self.hrf,
+                "timing": self.timing,
                 "detrend_order": self.detrend_order if self.detrend_features else None,
                 **reducer.describe(), "frame_status": counts}
         return features, info

@@ -2,7 +2,7 @@
 
     reducer = FeatureReducer(backbone.feature_slices, variance=0.99).fit(train_frames)   # (n, F)
     x = reducer.transform(frames)                                                       # (n, d)
-    per_tr = frames_to_volumes(x, frame_rate=fps / stride, tr=2.0, n_volumes=240, hrf="wen")
+    per_tr = volume_features(x, frame_rate=fps / stride, tr=2.0, n_volumes=240, hrf="wen")  # video_timing
 
 ``FeatureReducer`` z-scores every unit with statistics of the training frames only, then (optionally)
 reduces each layer by PCA keeping a fraction of its variance, and the concatenated layer components

@@ -7,7 +7,9 @@ Layout under ``root`` (K = segment number, R = repeat)::
     stimuli/segK.mp4, stimuli/testK.mp4                      the movies (30 fps, 8 min each)
 
 A dtseries holds (n_volumes, n_grayordinates) float32; the cortex is the first ``n_cortex``
-grayordinates (59412 in the HCP 91k space), which must be exactly the surface grayordinates.
+grayordinates (59412 in the HCP 91k space), which must be exactly the surface grayordinates. As
+released, training runs and test1's have 245 volumes, test2–test5's 246; which of them are kept is
+``datamodules.video_timing``'s rule (``data.timing``).
 Videos are decoded with PyAV (FFmpeg); frames come out as uint8 (H, W, 3) RGB. Every problem
 with a file raises ``DataError`` naming it.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from nibabel.cifti2 import cifti2_axes
 
 from datamodules.errors import DataError
+from datamodules.video_timing import kept_volumes
 
 
 # --------------------------------------------------------------------------- layout
@@ -101,17 +104,24 @@ def _check_axes(path: Path, img: nib.Cifti2Image, n_cortex: int) -> tuple[Grayor
     return Grayordinates(np.asarray(models.name[:n_cortex]), np.asarray(models.vertex[:n_cortex])), len(series)
 
 
-def read_cortex_series(path: str | Path, n_cortex: int, n_volumes: int) -> tuple[np.ndarray, Grayordinates]:
-    """The first n_volumes volumes of the cortex: (n_volumes, n_cortex) float32, with its grayordinates."""
+def read_cortex_series(path: str | Path, n_cortex: int, n_volumes: int,
+                       timing: str = "released") -> tuple[np.ndarray, Grayordinates]:
+    """The kept n_volumes volumes of the cortex: (n_volumes, n_cortex) float32, with its grayordinates.
+
+    timing: "released" (drop the first 1 or 2 volumes and the last 4, by the run's length) or "first"
+    (the first n_volumes), see ``datamodules.video_timing``.
+    """
     path = Path(path)
     img = _load_cifti(path)
     grayordinates, n_time = _check_axes(path, img, n_cortex)
-    if n_time < n_volumes:
-        raise DataError(f"{path}: {n_time} volumes, fewer than data.n_volumes={n_volumes}")
+    try:
+        keep = kept_volumes(n_time, n_volumes, timing)
+    except ValueError as err:
+        raise DataError(f"{path}: {err}") from None
     if tuple(img.shape) != (n_time, img.header.get_axis(1).size):
         raise DataError(f"{path}: data shape {tuple(img.shape)} does not match its header's axes")
     try:
-        data = np.asarray(img.dataobj[:n_volumes, :n_cortex], dtype=np.float32)
+        data = np.asarray(img.dataobj[keep, :n_cortex], dtype=np.float32)
     except Exception as err:  # truncated data block
         raise DataError(f"{path}: cannot read the data block of shape {tuple(img.shape)} "
                         f"(truncated or corrupt: {_one_line(err)})") from err

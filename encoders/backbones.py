@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -197,7 +198,10 @@ class ImageTransform:
         ])
 
     def __call__(self, image: Any) -> torch.Tensor:
-        """image (H, W, 3) uint8 -> (3, S, S) float32."""
+        """image (H, W, 3) uint8 -> (3, S, S) float32. Arrays of any other dtype are refused: a float
+        image in 0..255 (or 0..1) would pass through the scaling step unscaled and give other features."""
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            raise ValueError(f"image array has dtype {image.dtype}, expected uint8 (H, W, 3) RGB 0..255")
         return self.pipeline(image)
 
     def __repr__(self) -> str:

@@ -5,17 +5,21 @@
     x = dense.transform(uint8_image)  # the backbone's preprocessing at dense.image_size
 
 Only the LAST transformer block changes (BrainSAIL, METHODS.md "BrainSAIL"); every earlier block runs as
-trained. With ``y = norm1(x)`` (open_clip ``ln_1``, timm ``norm1``) and the block's own q, k, v projections:
+trained. With x the last block's input, ``norm1`` (open_clip ``ln_1``, timm ``norm1``) and the block's own
+q, k, v projections:
 
-* ``maskclip``: out = out_proj(v): the value path alone; no q·k attention, no residual, no MLP.
+* ``maskclip`` (MaskCLIP's reference ``mmseg/models/backbones/vit.py``, BrainSAIL's DINOv2 / SigLIP
+  scripts, which swap only ``blocks[-1].attn``): the attention is replaced by its value path and the rest
+  of the block stays, y = x + ls1(out_proj(v)) with v from norm1(x), then y + ls2(mlp(norm2(y))): the
+  block run as trained with every token attending only to itself.
 * ``naclip``: out = out_proj(softmax(k·kᵀ/√d_head + ω) v) per head, ω[i, j] = exp(-‖g_i − g_j‖² / (2σ²))
   over the patch-grid positions g (NACLIP's Gaussian window), 0 in the rows and columns of prefix tokens
-  (CLS, registers); no residual, no FFN.
+  (CLS, registers), then ls1; no residual, no FFN (NACLIP drops both).
 
 Then the model's own tail is applied to every patch token as to the pooled token: open_clip
 ``ln_post(t) @ proj``; timm ``norm`` → (``attn_pool``) → ``fc_norm`` (→ ``head``, for the trunk of an
 open_clip ``TimmModel``, then that model's ``head``). The attention branch's LayerScale (``ls_1``/``ls1``,
-DINOv2) is kept: it is part of what the block adds from that branch.
+DINOv2) is kept in both: it is part of what the block adds from that branch.
 
 SigLIP's timm trunk pools with an attention-pool head (``attn_pool``: one latent query attending over all
 tokens, then an MLP). Each patch token is passed through it ALONE, as a one-token sequence: the softmax
@@ -83,6 +87,10 @@ class _Arch:
     def norm1(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def mlp_residual(self, y: torch.Tensor) -> torch.Tensor:
+        """Last block's second half: y (n, L, d) -> y + ls2(mlp(norm2(y)))."""
+        raise NotImplementedError
+
     def tail(self, t: torch.Tensor) -> torch.Tensor:  # tokens (m, d) -> embeddings (m, e)
         raise NotImplementedError
 
@@ -120,6 +128,8 @@ class _OpenClipViT(_Arch):
         if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
             raise ValueError(f"open_clip last block's attention is {type(attn).__name__}, dense features need "
                              f"nn.MultiheadAttention (in_proj / out_proj)")
+        if not all(hasattr(last, a) for a in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")):
+            raise ValueError(f"open_clip last block {type(last).__name__} lacks ln_1 / ls_1 / ln_2 / mlp / ls_2")
         self.v, self.last, self.attn = visual, last, attn
         self.n_prefix = 1
         self.patch_size = int(visual.conv1.kernel_size[0])
@@ -156,6 +166,10 @@ class _OpenClipViT(_Arch):
         out = self.attn.out_proj(_merge_heads(o))
         return self.last.ls_1(out)
 
+    def mlp_residual(self, y):
+        b = self.last
+        return y + b.ls_2(b.mlp(b.ln_2(y)))
+
     def tail(self, t):
         t = self.v.ln_post(t)
         return t @ self.v.proj if self.v.proj is not None else t
@@ -173,8 +187,9 @@ class _TimmViT(_Arch):
         if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv") or getattr(attn, "gate", None) is not None:
             raise ValueError(f"timm last block's attention is {type(attn).__name__}, dense features need timm "
                              f"Attention (fused qkv, proj)")
-        if not hasattr(last, "norm1") or not hasattr(last, "ls1"):
-            raise ValueError(f"timm last block {type(last).__name__} is not a pre-norm Block (norm1, attn, ls1)")
+        if not all(hasattr(last, a) for a in ("norm1", "ls1", "norm2", "mlp", "ls2")):
+            raise ValueError(f"timm last block {type(last).__name__} is not a pre-norm Block "
+                             f"(norm1, attn, ls1, norm2, mlp, ls2)")
         pool = getattr(vit, "attn_pool", None)
         if pool is not None and getattr(pool, "pos_embed", None) is not None:
             raise ValueError("timm attention-pool head with its own positional embedding is not supported")
@@ -221,6 +236,10 @@ class _TimmViT(_Arch):
     def attn_out(self, o):
         a = self.attn
         return self.last.ls1(a.proj(a.norm(_merge_heads(o))))
+
+    def mlp_residual(self, y):
+        b = self.last
+        return y + b.ls2(b.mlp(b.norm2(y)))  # drop_path2: identity in eval
 
     def tail(self, t):
         vit = self.vit
@@ -313,13 +332,14 @@ class DenseFeatures:
         arch = self.arch
         x = arch.run_blocks(arch.embed_tokens(images))
         q, k, v, scale = arch.qkv(arch.norm1(x))
-        if self.method == "maskclip":
-            o = v
+        if self.method == "maskclip":  # the block as trained, attention -> value path
+            out = arch.mlp_residual(x + arch.attn_out(v))
         else:
             kf = k.float()  # softmax(k·kᵀ·scale + ω) v, memory-efficient kernel
             o = F.scaled_dot_product_attention(kf, kf, v.float(), attn_mask=self._omega(h, w, k.device),
                                                scale=scale).to(v.dtype)
-        out = arch.attn_out(o)[:, arch.n_prefix:]
+            out = arch.attn_out(o)  # NACLIP: no residual, no FFN
+        out = out[:, arch.n_prefix:]
         n, L, d = out.shape
         emb = arch.tail(out.reshape(n * L, d))
         return emb.reshape(n, h, w, -1).float()

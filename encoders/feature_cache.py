@@ -9,7 +9,10 @@ Writing is atomic: extraction streams into ``<file>.partial`` (rows flushed, the
 updated, batch by batch) and is renamed into place only when complete. An interrupted extraction
 leaves only the .partial file; the next run resumes from its ``n_done`` if it opens and its key
 matches, and rebuilds otherwise — and says which. A complete file whose stored key differs is
-never used. A lock file serialises concurrent writers (e.g. parallel sweep jobs).
+never used. A lock file serialises concurrent writers (e.g. parallel sweep jobs); reading a complete
+file takes no lock, so a read-only cache directory serves the files it holds. A directory that cannot
+be written, or a disk that fills up during extraction, is a StorageError naming the path (the rows
+already flushed stay in the .partial file and are resumed by the next run).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from encoders.extract import iter_features
+from encoders.storage import StorageError, is_storage_failure, reason
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +99,17 @@ class FeatureCache:
         description = feature_key(backbone, stimuli, ids)
         key = key_hash(description)
         path = self.path_for(description)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
+        # A complete file appears only by an atomic rename and is never changed in place, so reading it
+        # needs no lock: a cache directory the user cannot write to still serves the files it holds.
+        features = self._read_complete(path, key, ids) if path.exists() else None
+        if features is not None:
+            log.info("feature cache hit: %s", path)
+            return CacheResult(features, key, path, "hit")
+        with self._lock(path):
             status = "built"
             if path.exists():
                 features = self._read_complete(path, key, ids)
-                if features is not None:
+                if features is not None:  # another process built it meanwhile
                     log.info("feature cache hit: %s", path)
                     return CacheResult(features, key, path, "hit")
                 log.warning("feature cache %s does not match this run's key (or is unreadable); rebuilding", path)
@@ -110,11 +120,20 @@ class FeatureCache:
                 log.warning("feature cache: resuming an interrupted extraction at %d/%d images (%s)",
                             start, len(ids), path.name)
                 status = "resumed"
-            self._extract(path, description, key, ids, start, backbone, make_loader, device)
-            features = self._read_complete(path, key, ids)
-        if features is None:
-            raise RuntimeError(f"{path}: the feature cache just written does not read back")
+            features = self._extract(path, description, key, ids, start, backbone, make_loader, device)
         return CacheResult(features, key, path, status)
+
+    def _lock(self, path: Path) -> FileLock:
+        """The held lock of ``path`` (serialises writers); StorageError if the directory cannot be written."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(path) + ".lock")
+            lock.acquire()
+        except OSError as err:
+            raise StorageError(f"{self.directory}: cannot write the feature cache there ({reason(err)}), and it holds "
+                               f"no complete cache file for this run ({path.name}); set feature_cache_dir to a "
+                               f"writable folder (or features=precompute)") from None
+        return lock
 
     @staticmethod
     def _partial(path: Path) -> Path:
@@ -148,11 +167,35 @@ class FeatureCache:
             partial.unlink()
         return done
 
+    def _require_space(self, partial: Path, n_rows: int, n_features: int, n_ids: int) -> None:
+        """StorageError before any extraction if the disk cannot hold the rows still to be written."""
+        need = (n_rows * n_features * 4 + n_ids * 8) * 1.02 + 2**16  # float32 rows, int64 ids, + HDF5 metadata
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return
+        if free < need:
+            raise StorageError(f"{self.directory}: {free / 2**20:.1f} MiB free, but the feature cache "
+                               f"{partial.name[:-len('.partial')]} needs about {need / 2**20:.1f} MiB ({n_rows} images x "
+                               f"{n_features} features, float32); free space or set feature_cache_dir elsewhere")
+
     def _extract(self, path: Path, description: dict, key: str, ids: np.ndarray, start: int, backbone,
-                 make_loader: Callable[[np.ndarray], DataLoader], device: str) -> None:
+                 make_loader: Callable[[np.ndarray], DataLoader], device: str) -> torch.Tensor:
+        """Extract rows start.. into the .partial file, check that every row reads back as written, rename it
+        into place and return all features (len(ids), n_features).
+
+        A write the disk refuses is a StorageError naming the file, and the .partial file is removed: HDF5
+        reports some failed writes only by dropping them (they would read back as zeros), so its rows
+        cannot be trusted for a resume. (A killed extraction leaves a .partial file that is resumed.)
+        """
         partial = self._partial(path)
-        mode = "r+" if start else "w"
-        with h5py.File(partial, mode) as f:
+        self._require_space(partial, len(ids) - start, backbone.n_features, 0 if start else len(ids))
+        written = np.zeros((len(ids), 2))  # per row: sum and sum of |x| (float64) of what was written
+        done, f = start, None
+        try:
+            # No chunk cache: rows reach the file when assigned, so a full disk raises there, and closing
+            # the file after a failure has no cached chunks left to flush (see _abandon).
+            f = h5py.File(partial, "r+" if start else "w", rdcc_nbytes=0)
             if not start:
                 f.attrs["key"] = key
                 f.attrs["description"] = json.dumps(description, sort_keys=True)
@@ -161,17 +204,73 @@ class FeatureCache:
                 f.create_dataset("ids", data=ids)
                 f.create_dataset("features", shape=(len(ids), backbone.n_features), dtype=np.float32,
                                  chunks=(min(len(ids), 256), backbone.n_features))
-            done = start
+            features = f["features"]  # one dataset object throughout: its write errors are raised, not dropped
+            if start:
+                written[:start] = _row_sums(features[:start])
             rest = ids[start:]
             if len(rest):
                 for batch in iter_features(backbone, make_loader(rest), device,
                                            description=f"features {backbone.spec.name}", total=len(rest)):
-                    f["features"][done:done + len(batch)] = batch.numpy()
+                    rows = batch.numpy()
+                    features[done:done + len(rows)] = rows
                     f.flush()
-                    done += len(batch)
-                    f.attrs["n_done"] = done
+                    f.attrs["n_done"] = done + len(rows)
                     f.flush()
+                    written[done:done + len(rows)] = _row_sums(rows)
+                    done += len(rows)
             if done != len(ids):
                 raise RuntimeError(f"{partial}: extraction produced {done} rows for {len(ids)} images")
             f.attrs["complete"] = True
-        os.replace(partial, path)
+            del features
+            f.close()
+            with h5py.File(partial, "r") as f:
+                stored = f["features"][:]
+            back = _row_sums(stored)
+            lost = np.flatnonzero(~((back == written) | (np.isnan(back) & np.isnan(written))).all(axis=1))
+            if len(lost):
+                raise StorageError(f"{partial}: {len(lost)} of {len(ids)} feature rows did not reach the disk "
+                                   f"(first: row {lost[0]}; the disk is full or failing)")
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as err:  # h5py reports some failed writes as RuntimeError
+            refused = isinstance(err, StorageError) or is_storage_failure(err)
+            _abandon(f, partial, remove=refused)
+            if not refused:
+                raise  # e.g. an image that cannot be read: not the cache's disk
+            if isinstance(err, StorageError):
+                raise StorageError(f"{err}; removed it, free space (or set feature_cache_dir elsewhere) "
+                                   f"and rerun") from None
+            raise StorageError(f"{partial}: cannot write the feature cache ({reason(err)}) after {done} of "
+                               f"{len(ids)} images; removed it, free space (or set feature_cache_dir elsewhere) "
+                               f"and rerun") from None
+        except BaseException:  # interrupted (e.g. Ctrl-C): the .partial file is resumed next time
+            _abandon(f, partial, remove=False)
+            raise
+        return torch.from_numpy(stored)
+
+
+def _abandon(f: h5py.File | None, partial: Path, remove: bool) -> None:
+    """Close a failed extraction's file quietly; remove=True also deletes it. Its content is dropped first
+    (truncated): on a full disk HDF5 cannot flush its metadata when closing, and a file left open would
+    make the HDF5 library crash at interpreter exit."""
+    if remove:
+        try:
+            os.truncate(partial, 0)
+        except OSError:
+            pass
+    if f is not None and f.id.valid:
+        try:
+            f.close()
+        except (OSError, RuntimeError):  # already failing: the first error is the one to report
+            pass
+    if remove:
+        try:
+            partial.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _row_sums(rows: np.ndarray) -> np.ndarray:
+    """(n, d) -> (n, 2) float64: each row's sum and sum of absolute values (a row lost on the way to the
+    disk reads back as zeros, which match only a row of zeros)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    return np.stack([rows.sum(axis=1), np.abs(rows).sum(axis=1)], axis=1)

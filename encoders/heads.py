@@ -61,14 +61,17 @@ class MLPHead(nn.Module):
 class RidgeHead(nn.Module):
     """Closed-form ridge with a per-voxel alpha (K-fold CV on the training set), as a linear head.
 
-    ``fit(features (n, n_features), targets (n, n_voxels))`` solves it; afterwards it predicts like
-    LinearHead. It has no trainable parameters: train.py fits it instead of running epochs.
+    ``fit(features (n, n_features), targets (n, n_voxels), groups=None (n,))`` solves it; afterwards it
+    predicts like LinearHead. groups: the rows' stimulus ids (train.py passes the split's ids): rows that
+    share an id (single trials of one image) are never split across CV folds; with every id distinct the
+    folds are the plain K-fold. cv: an int or a scikit-learn splitter (``encoders.ridge.RidgeCV``). It has no
+    trainable parameters: train.py fits it instead of running epochs.
     Buffers: weight (n_voxels, n_features), bias (n_voxels,), best_alphas (n_voxels,).
     """
 
     closed_form = True
 
-    def __init__(self, n_features: int, n_voxels: int, alphas: Sequence[float] | None = None, cv: int = 5,
+    def __init__(self, n_features: int, n_voxels: int, alphas: Sequence[float] | None = None, cv=5,
                  score: str = "r2", shuffle_folds: bool = True, seed: int = 0, voxel_batch: int = 4096):
         super().__init__()
         self.estimator = RidgeCV(alphas=DEFAULT_ALPHAS if alphas is None else list(alphas), cv=cv, score=score,
@@ -78,12 +81,12 @@ class RidgeHead(nn.Module):
         self.register_buffer("best_alphas", torch.full((n_voxels,), float("nan"), dtype=torch.float64))
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, targets: torch.Tensor | np.ndarray) -> "RidgeHead":
+    def fit(self, features: torch.Tensor, targets: torch.Tensor | np.ndarray, groups=None) -> "RidgeHead":
         """Choose each voxel's alpha by CV on these (training) samples, then fit on all of them."""
         device = self.weight.device
         est = self.estimator
         est.device = str(device)
-        est.fit(features.to(device), torch.as_tensor(np.asarray(targets)).to(device))
+        est.fit(features.to(device), torch.as_tensor(np.asarray(targets)).to(device), groups=groups)
         self.weight.copy_(torch.from_numpy(est.coef_))
         self.bias.copy_(torch.from_numpy(est.intercept_))
         self.best_alphas.copy_(torch.from_numpy(est.best_alphas_))

@@ -7,10 +7,19 @@ follow from the held-out fold's statistics — no (n_voxels × n_alphas × n_sam
 batches. Dual (kernel) form when n_features > n_samples. Torch on CPU or GPU, float64 where the
 algebra needs it (statistics, eigendecompositions).
 
+Folds: ``cv`` = an int (K folds, shuffled with ``seed`` or contiguous) or any scikit-learn splitter
+(``GroupKFold``, ``PredefinedSplit``, ``TimeSeriesSplit``, …) or a list of (train, test) index pairs.
+``fit(X, Y, groups)``: with groups (e.g. stimulus ids of single trials) the int folds never split a
+group — every trial of an image is held out together — and a splitter receives them. When every
+fold's training set is the complement of its held-out set and the held-out sets do not overlap (K-fold
+and its group variants, PredefinedSplit) the training statistics are the totals minus the fold's;
+otherwise (ShuffleSplit, TimeSeriesSplit) they are summed over the training indices.
+
 Kernels are plain functions on tensors; ``RidgeCV`` is a thin array-in / array-out estimator.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,19 +27,82 @@ import torch
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-8, 10, 19))
 
+log = logging.getLogger(__name__)
 
-def kfold_indices(n_samples: int, n_folds: int, shuffle: bool = True, seed: int = 0) -> list[np.ndarray]:
+
+def kfold_indices(n_samples: int, n_folds: int, shuffle: bool = True, seed: int = 0,
+                  groups=None) -> list[np.ndarray]:
     """Fold membership: a list of n_folds sorted index arrays covering range(n_samples).
 
-    shuffle=False gives contiguous blocks (for time series), as scikit-learn's KFold.
+    shuffle=False gives contiguous blocks (for time series), as scikit-learn's KFold. groups
+    (n_samples,) any labels: the folds are K-fold over the distinct groups (in order of first
+    appearance; shuffled with ``seed``), each fold holding every sample of its groups, so no group is
+    split; with every group distinct this is exactly the ungrouped K-fold.
     """
-    if not 2 <= n_folds <= n_samples:
-        raise ValueError(f"need 2 <= n_folds <= n_samples, got n_folds={n_folds}, n_samples={n_samples}")
-    order = np.random.default_rng(seed).permutation(n_samples) if shuffle else np.arange(n_samples)
-    sizes = np.full(n_folds, n_samples // n_folds)
-    sizes[: n_samples % n_folds] += 1
+    if groups is None:
+        return _kfold(n_samples, n_folds, shuffle, seed)
+    groups = np.asarray(groups)
+    if groups.shape != (n_samples,):
+        raise ValueError(f"groups must have shape ({n_samples},), got {groups.shape}")
+    _, first, label = np.unique(groups, return_index=True, return_inverse=True)
+    by_appearance = np.empty(len(first), np.int64)
+    by_appearance[np.argsort(first)] = np.arange(len(first))  # group label -> its rank of first appearance
+    rank = by_appearance[label.ravel()]
+    if n_folds > len(first):
+        raise ValueError(f"need n_folds <= the number of groups, got n_folds={n_folds} for {len(first)} groups")
+    return [np.flatnonzero(np.isin(rank, fold)) for fold in _kfold(len(first), n_folds, shuffle, seed)]
+
+
+def _kfold(n: int, n_folds: int, shuffle: bool, seed: int) -> list[np.ndarray]:
+    if not 2 <= n_folds <= n:
+        raise ValueError(f"need 2 <= n_folds <= n_samples, got n_folds={n_folds}, n_samples={n}")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(n_folds)]
+
+
+def cv_splits(cv, n_samples: int, groups=None, shuffle: bool = True, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs from ``cv``: an int (``kfold_indices``, train = the rest), a scikit-learn
+    splitter (anything with ``split(X, y, groups)``; groups passed on) or an iterable of (train, test) pairs.
+    ValueError for indices out of range, an empty side, or a sample on both sides of a split."""
+    if isinstance(cv, (int, np.integer)) and not isinstance(cv, bool):
+        everything = np.arange(n_samples)
+        pairs = [(np.setdiff1d(everything, f), f) for f in kfold_indices(n_samples, int(cv), shuffle, seed, groups)]
+    elif hasattr(cv, "split") and not isinstance(cv, (str, bytes)):
+        pairs = list(cv.split(np.zeros((n_samples, 1)), None, groups))
+    else:
+        try:
+            pairs = [(train, test) for train, test in cv]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cv must be an int, a scikit-learn splitter or (train, test) index pairs, "
+                             f"got {type(cv).__name__}") from err
+    out = []
+    for k, (train, test) in enumerate(pairs):
+        train, test = np.sort(np.asarray(train, np.int64).ravel()), np.sort(np.asarray(test, np.int64).ravel())
+        if not len(train) or not len(test):
+            raise ValueError(f"cv split {k}: {len(train)} training and {len(test)} held-out samples")
+        if min(train[0], test[0]) < 0 or max(train[-1], test[-1]) >= n_samples:
+            raise ValueError(f"cv split {k}: indices outside [0, {n_samples})")
+        if np.intersect1d(train, test).size:
+            raise ValueError(f"cv split {k}: {np.intersect1d(train, test).size} samples are both trained on and held out")
+        out.append((train, test))
+    if len(out) < 1:
+        raise ValueError("cv gave no split")
+    return out
+
+
+def _is_partition(splits: list[tuple[np.ndarray, np.ndarray]], n: int) -> bool:
+    """Every training set is the complement of its held-out set, and the held-out sets do not overlap."""
+    tested = np.zeros(n, bool)
+    for train, test in splits:
+        covered = np.zeros(n, bool)
+        covered[train] = covered[test] = True
+        if len(train) + len(test) != n or not covered.all() or tested[test].any():
+            return False
+        tested[test] = True
+    return True
 
 
 def score_from_sums(score: str, n: float, s_py: torch.Tensor, s_pp: torch.Tensor, s_p: torch.Tensor,
@@ -52,53 +124,88 @@ def score_from_sums(score: str, n: float, s_py: torch.Tensor, s_pp: torch.Tensor
 
 @dataclass
 class FoldStats:
-    """Sufficient statistics of one fold: n, Σx (d,), XᵀX (d, d); per voxel batch Σy, Σy², XᵀY."""
+    """Sufficient statistics of a set of samples: n, Σx (d,), XᵀX (d, d)."""
 
     n: int
     sx: torch.Tensor
     xtx: torch.Tensor
 
+    @classmethod
+    def of(cls, X: torch.Tensor) -> "FoldStats":
+        return cls(len(X), X.sum(0), X.T @ X)
+
+    def __sub__(self, other: "FoldStats") -> "FoldStats":
+        return FoldStats(self.n - other.n, self.sx - other.sx, self.xtx - other.xtx)
+
 
 class _PrimalSolver:
-    """Per-fold eigendecompositions of the centred training XᵀX (d × d), shared by all voxel batches."""
+    """Per-split eigendecompositions of the centred training XᵀX (d × d), shared by all voxel batches.
 
-    def __init__(self, X: torch.Tensor, folds: list[np.ndarray]):
-        self.folds = folds
-        self.X_folds = [X[idx].double() for idx in folds]
-        self.stats = [FoldStats(len(idx), Xf.sum(0), Xf.T @ Xf) for idx, Xf in zip(folds, self.X_folds)]
-        self.n = sum(s.n for s in self.stats)
-        self.sx = sum(s.sx for s in self.stats)
-        self.xtx = sum(s.xtx for s in self.stats)
-        self.fold_eig = [self._eig(k) for k in range(len(folds))]
-        mu = self.sx / self.n
-        s_full, U_full = torch.linalg.eigh(self.xtx - self.n * torch.outer(mu, mu))
+    splits: (train, test) index pairs. When they partition the samples (``_is_partition``) the statistics
+    are summed once per block (the held-out sets, and the never-held-out rest) and each training set's
+    are the totals minus its held-out block's; otherwise each training set's are summed directly.
+    """
+
+    def __init__(self, X: torch.Tensor, splits: list[tuple[np.ndarray, np.ndarray]]):
+        n = len(X)
+        self.splits = splits
+        self.partition = _is_partition(splits, n)
+        if self.partition:
+            tested = np.zeros(n, bool)
+            for _, test in splits:
+                tested[test] = True
+            rest = np.flatnonzero(~tested)
+            self.blocks = [test for _, test in splits] + ([rest] if len(rest) else [])
+            self.X_blocks = [X[idx].double() for idx in self.blocks]
+            block_stats = [FoldStats.of(Xb) for Xb in self.X_blocks]
+            self.total = FoldStats(n, sum(b.sx for b in block_stats), sum(b.xtx for b in block_stats))
+            self.test_stats = block_stats[:len(splits)]
+            self.train_stats = [self.total - t for t in self.test_stats]
+        else:
+            self.X = X.double()
+            self.total = FoldStats.of(self.X)
+            self.test_stats = [FoldStats.of(self.X[test]) for _, test in splits]
+            self.train_stats = [FoldStats.of(self.X[train]) for train, _ in splits]
+        self.fold_eig = [self._eig(k) for k in range(len(splits))]
+        mu = self.total.sx / n
+        s_full, U_full = torch.linalg.eigh(self.total.xtx - n * torch.outer(mu, mu))
         self.full_eig = (s_full.clamp(min=0), U_full, mu)
 
     def _eig(self, k: int):
-        """Eigenbasis U, eigenvalues s of fold k's centred training XᵀX, its held-out Ĉ and ŝ."""
-        f = self.stats[k]
-        n_tr = self.n - f.n
-        mu = (self.sx - f.sx) / n_tr
-        c_tr = (self.xtx - f.xtx) - n_tr * torch.outer(mu, mu)
+        """Eigenbasis U, eigenvalues s of split k's centred training XᵀX, its held-out Ĉ and ŝ."""
+        tr, f = self.train_stats[k], self.test_stats[k]
+        mu = tr.sx / tr.n
+        c_tr = tr.xtx - tr.n * torch.outer(mu, mu)
         s, U = torch.linalg.eigh(c_tr)
         # Held-out scatter around the *training* mean: Σ (x - mu)(x - mu)ᵀ over the fold.
         c_f = f.xtx - torch.outer(mu, f.sx) - torch.outer(f.sx, mu) + f.n * torch.outer(mu, mu)
         return U, s.clamp(min=0), (U.T @ c_f @ U).float(), U.T @ (f.sx - f.n * mu), mu
 
+    def _y_stats(self, Y: torch.Tensor):
+        """Per split: training (XᵀY, Σy) and held-out (XᵀY, Σy, Σy²); and the totals (XᵀY, Σy)."""
+        if self.partition:
+            per_block = []
+            for idx, Xb in zip(self.blocks, self.X_blocks):
+                Yb = Y[idx].double()
+                per_block.append((Xb.T @ Yb, Yb.sum(0), (Yb * Yb).sum(0)))
+            total = (sum(p[0] for p in per_block), sum(p[1] for p in per_block))
+            test = per_block[:len(self.splits)]
+            train = [(total[0] - t[0], total[1] - t[1]) for t in test]
+            return train, test, total
+        Yd = Y.double()
+        train = [(self.X[tr].T @ Yd[tr], Yd[tr].sum(0)) for tr, _ in self.splits]
+        test = [(self.X[te].T @ Yd[te], Yd[te].sum(0), (Yd[te] * Yd[te]).sum(0)) for _, te in self.splits]
+        return train, test, (self.X.T @ Yd, Yd.sum(0))
+
     def solve(self, Y: torch.Tensor, alphas: torch.Tensor, score: str):
         """For a voxel batch Y (n, vb): mean held-out scores (n_alphas, vb), then the refit at each
         voxel's best alpha: weights (d, vb), intercepts (vb,), best alpha index (vb,)."""
-        per_fold = []
-        for idx, Xf in zip(self.folds, self.X_folds):
-            Yf = Y[idx].double()
-            per_fold.append((Xf.T @ Yf, Yf.sum(0), (Yf * Yf).sum(0)))
-        xty = sum(p[0] for p in per_fold)
-        sy = sum(p[1] for p in per_fold)
+        train_y, test_y, (xty, sy) = self._y_stats(Y)
         total = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64, device=Y.device)
-        for (f, (U, s, C32, sx_hat, mu)), (xty_f, sy_f, syy_f) in zip(zip(self.stats, self.fold_eig), per_fold):
-            n_tr = self.n - f.n
-            mu_y = (sy - sy_f) / n_tr
-            B_hat = U.T @ ((xty - xty_f) - n_tr * torch.outer(mu, mu_y))
+        for tr, f, (U, s, C32, sx_hat, mu), (xty_tr, sy_tr), (xty_f, sy_f, syy_f) in zip(
+                self.train_stats, self.test_stats, self.fold_eig, train_y, test_y):
+            mu_y = sy_tr / tr.n
+            B_hat = U.T @ (xty_tr - tr.n * torch.outer(mu, mu_y))
             P_hat = U.T @ (xty_f - torch.outer(mu, sy_f) - torch.outer(f.sx, mu_y) + f.n * torch.outer(mu, mu_y))
             inv = 1.0 / (s[:, None] + alphas[None, :])  # (d, n_alphas)
             # Terms linear in W are cheap for all alphas at once: (vb, d) @ (d, n_alphas).
@@ -111,29 +218,28 @@ class _PrimalSolver:
             s_y = sy_f - f.n * mu_y
             s_yy = syy_f - 2 * mu_y * sy_f + f.n * mu_y ** 2
             total += score_from_sums(score, f.n, s_py, s_pp, s_p, s_y, s_yy)
-        scores = total / len(self.folds)
+        scores = total / len(self.splits)
         best = torch.nan_to_num(scores, nan=-torch.inf).argmax(0)
         s_full, U_full, mu = self.full_eig
-        mu_y = sy / self.n
-        B_hat = U_full.T @ (xty - self.n * torch.outer(mu, mu_y))
+        n = self.total.n
+        mu_y = sy / n
+        B_hat = U_full.T @ (xty - n * torch.outer(mu, mu_y))
         W = U_full @ (B_hat / (s_full[:, None] + alphas[best][None, :]))
         return scores, W, mu_y - mu @ W, best
 
 
 class _DualSolver:
-    """Kernel form for n_features > n_samples: eigendecompositions of n × n training kernels."""
+    """Kernel form for n_features > n_samples: eigendecompositions of the training kernels per split."""
 
-    def __init__(self, X: torch.Tensor, folds: list[np.ndarray]):
-        self.X, self.folds = X.double(), folds
+    def __init__(self, X: torch.Tensor, splits: list[tuple[np.ndarray, np.ndarray]]):
+        self.X, self.splits = X.double(), splits
         self.n = len(X)
         self.fold_eig = []
-        all_idx = np.arange(self.n)
-        for idx in folds:
-            tr = np.setdiff1d(all_idx, idx)
+        for tr, idx in splits:
             mu = self.X[tr].mean(0)
             Xtr, Xf = self.X[tr] - mu, self.X[idx] - mu
             lam, V = torch.linalg.eigh(Xtr @ Xtr.T)
-            self.fold_eig.append((tr, lam.clamp(min=0), V, (Xf @ Xtr.T) @ V))
+            self.fold_eig.append((lam.clamp(min=0), V, (Xf @ Xtr.T) @ V))
         self.mu = self.X.mean(0)
         Xc = self.X - self.mu
         lam, V = torch.linalg.eigh(Xc @ Xc.T)
@@ -142,7 +248,7 @@ class _DualSolver:
     def cv_scores(self, Y: torch.Tensor, alphas: torch.Tensor, score: str) -> torch.Tensor:
         Yd = Y.double()
         total = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64, device=Y.device)
-        for idx, (tr, lam, V, M) in zip(self.folds, self.fold_eig):
+        for (tr, idx), (lam, V, M) in zip(self.splits, self.fold_eig):
             mu_y = Yd[tr].mean(0)
             Z = V.T @ (Yd[tr] - mu_y)
             y = Yd[idx] - mu_y
@@ -151,7 +257,7 @@ class _DualSolver:
                 pred = M @ (Z / (lam + alpha)[:, None])
                 total[a] += score_from_sums(score, len(idx), (pred * y).sum(0), (pred * pred).sum(0),
                                             pred.sum(0), s_y, s_yy)
-        return total / len(self.folds)
+        return total / len(self.splits)
 
     def solve(self, Y: torch.Tensor, alphas: torch.Tensor, score: str):
         """As _PrimalSolver.solve, through n × n kernels."""
@@ -166,15 +272,19 @@ class _DualSolver:
 
 
 class RidgeCV:
-    """Ridge regression with a separate alpha per voxel, chosen by K-fold CV on the data given to fit.
+    """Ridge regression with a separate alpha per voxel, chosen by cross-validation on the data given to fit.
 
-    fit(X (n_samples, n_features), Y (n_samples, n_voxels)); predict(X) -> (n_samples, n_voxels);
-    score(X, Y) -> per-voxel R² (n_voxels,). Fitted: coef_ (n_voxels, n_features) as scikit-learn,
-    intercept_ (n_voxels,), best_alphas_ (n_voxels,), cv_scores_ (n_alphas, n_voxels).
-    Arrays in (numpy or torch), numpy out. ``device`` runs the algebra there (e.g. "cuda").
+    fit(X (n_samples, n_features), Y (n_samples, n_voxels), groups=None (n_samples,)); predict(X) ->
+    (n_samples, n_voxels); score(X, Y) -> per-voxel R² (n_voxels,). cv: an int (K folds; ``shuffle``,
+    ``seed``; never splitting a group), a scikit-learn splitter (``GroupKFold(5)``, ``PredefinedSplit``, …;
+    it receives ``groups``) or a list of (train, test) index pairs. Fitted: coef_ (n_voxels, n_features) as
+    scikit-learn, intercept_ (n_voxels,), best_alphas_ (n_voxels,), cv_scores_ (n_alphas, n_voxels),
+    n_splits_, grouped_ (groups were given), alpha_edge_fraction_ {"lowest", "highest"}: the fraction of
+    voxels whose best alpha is the grid's smallest / largest (a one-line warning when either is > 0:
+    the grid may be too narrow). Arrays in (numpy or torch), numpy out. ``device`` runs the algebra there.
     """
 
-    def __init__(self, alphas=DEFAULT_ALPHAS, cv: int = 5, score: str = "r2", shuffle: bool = True,
+    def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", shuffle: bool = True,
                  seed: int = 0, voxel_batch: int = 4096, solver: str = "auto", device: str | None = None):
         if score not in ("r2", "corr"):
             raise ValueError(f"score must be 'r2' or 'corr', got {score!r}")
@@ -190,13 +300,18 @@ class RidgeCV:
         t = A if torch.is_tensor(A) else torch.from_numpy(np.ascontiguousarray(A))
         return t.to(self.device or "cpu", dtype=torch.float32 if t.dtype != torch.float64 else torch.float64)
 
-    def fit(self, X, Y) -> "RidgeCV":
+    def fit(self, X, Y, groups=None) -> "RidgeCV":
         X, Y = self._tensor(X), self._tensor(Y)
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
             raise ValueError(f"RidgeCV.fit: X (n, d) and Y (n, v) must share n, got {tuple(X.shape)} and {tuple(Y.shape)}")
-        folds = kfold_indices(len(X), self.cv, self.shuffle, self.seed)
+        if groups is not None:
+            groups = np.asarray(groups.cpu() if torch.is_tensor(groups) else groups)
+            if groups.shape != (len(X),):
+                raise ValueError(f"RidgeCV.fit: groups must have shape ({len(X)},), got {groups.shape}")
+        splits = cv_splits(self.cv, len(X), groups, self.shuffle, self.seed)
+        self.n_splits_, self.grouped_ = len(splits), groups is not None
         solver = self.solver if self.solver != "auto" else ("dual" if X.shape[1] > len(X) else "primal")
-        engine = (_DualSolver if solver == "dual" else _PrimalSolver)(X, folds)
+        engine = (_DualSolver if solver == "dual" else _PrimalSolver)(X, splits)
         self.solver_ = solver
         alphas = torch.tensor(self.alphas, dtype=torch.float64, device=X.device)
         n_vox = Y.shape[1]
@@ -212,7 +327,28 @@ class RidgeCV:
             self.coef_[sl] = W.T.float().cpu().numpy()
             self.intercept_[sl] = b.float().cpu().numpy()
         self.n_features_in_ = X.shape[1]
+        self._check_grid_edges()
         return self
+
+    def cv_record(self) -> dict[str, np.ndarray]:
+        """What a run records about the alpha selection besides alphas, best alphas and CV scores:
+        alpha_edge_fraction [lowest, highest], grouped (bool), n_splits."""
+        f = self.alpha_edge_fraction_
+        return {"alpha_edge_fraction": np.array([f["lowest"], f["highest"]]), "grouped": np.array(self.grouped_),
+                "n_splits": np.array(self.n_splits_)}
+
+    def _check_grid_edges(self) -> None:
+        """alpha_edge_fraction_ over the voxels with a finite CV score; one warning line if any sits at an end."""
+        scored = np.isfinite(self.cv_scores_).any(axis=0)
+        best = self.best_alphas_[scored]
+        lo, hi = self.alphas.min(), self.alphas.max()
+        frac = {"lowest": float(np.mean(best == lo)) if best.size else 0.0,
+                "highest": float(np.mean(best == hi)) if best.size else 0.0}
+        self.alpha_edge_fraction_ = frac
+        if len(self.alphas) > 1 and (frac["lowest"] > 0 or frac["highest"] > 0):
+            log.warning("ridge: best alpha at the grid's lowest value (%.3g) for %.1f%% and at its highest (%.3g) "
+                        "for %.1f%% of %d voxels; the grid may be too narrow for them (head.alphas)",
+                        lo, 100 * frac["lowest"], hi, 100 * frac["highest"], best.size)
 
     def predict(self, X) -> np.ndarray:
         X = np.asarray(X.cpu() if torch.is_tensor(X) else X, dtype=np.float32)

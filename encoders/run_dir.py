@@ -28,7 +28,9 @@ Layout (users and scripts rely on it)::
     failed.json          a failed sweep job: {"error", "type", "overrides", "traceback"}
 
 This module reads and writes files only; it imports neither ``analyses`` nor ``datamodules`` (the run's
-datamodule class is resolved from its config, as Hydra instantiated it).
+datamodule class is resolved from its config, as Hydra instantiated it). Every file is written atomically
+(``encoders.storage``: a temp file renamed into place; a full disk or read-only folder is one StorageError
+naming the file), and metrics.json last, so a directory holding metrics.json is a complete run.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import numpy as np
 import yaml
 
 from encoders.run_record import write_json
+from encoders.storage import atomic_write, write_text
 
 CONFIG = "config.yaml"
 INFO = "run.json"
@@ -157,7 +160,7 @@ class RunDir:
 
     @property
     def is_run(self) -> bool:
-        """A finished run: metrics.json is written last but one (run.json last)."""
+        """A finished run: metrics.json is written last."""
         return (self.path / METRICS).is_file()
 
     # ------------------------------------------------------------------ writing (train.py)
@@ -168,10 +171,11 @@ class RunDir:
     def write_config(self, text: str) -> None:
         """config.yaml: the composed, resolved config as YAML text."""
         self.create()
-        (self.path / CONFIG).write_text(text)
+        write_text(self.path / CONFIG, text)
         self.__dict__.pop("config", None)
 
     def write_metrics(self, metrics: dict) -> None:
+        """metrics.json (written last: a run directory with metrics.json is complete)."""
         write_json(self.path / METRICS, metrics)
         self.__dict__.pop("metrics", None)
 
@@ -202,14 +206,16 @@ class RunDir:
         "backbone", "layers"} (torch.save)."""
         import torch
 
-        torch.save(state, self.path / HEAD)
+        atomic_write(self.path / HEAD, lambda f: torch.save(state, f))
 
-    def write_ridge_cv(self, alphas: np.ndarray, best_alphas: np.ndarray, cv_scores: np.ndarray) -> None:
+    def write_ridge_cv(self, alphas: np.ndarray, best_alphas: np.ndarray, cv_scores: np.ndarray, **record) -> None:
+        """ridge_cv.npz: the alpha grid, each voxel's alpha, the CV scores, and the fit's ``record``
+        (RidgeCV.cv_record(): its folds and grid-edge counts)."""
         _save_npz(self.path / RIDGE_CV, {"alphas": alphas, "best_alphas": best_alphas,
-                                         "cv_scores": np.asarray(cv_scores, np.float32)})
+                                         "cv_scores": np.asarray(cv_scores, np.float32), **record})
 
     def write_info(self, info: dict) -> None:
-        """run.json (written last: a run with run.json and metrics.json is complete)."""
+        """run.json: the run's provenance."""
         write_json(self.path / INFO, info)
         self.__dict__.pop("info", None)
 
@@ -425,10 +431,8 @@ class RunDir:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez_compressed to a temporary file, then renamed into place."""
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez_compressed to a temporary file, then renamed into place (``encoders.storage.atomic_write``)."""
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def find_runs(directory: str | os.PathLike) -> list[RunDir]:

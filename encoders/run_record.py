@@ -6,21 +6,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
+
+from encoders.storage import write_text
 
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "open_clip_torch", "hydra-core", "numpy",
             "scipy", "scikit-learn", "h5py", "nibabel", "wandb")
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temp file + rename), NaN as null."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2))
-    os.replace(tmp, path)
+    """Write JSON atomically (temp file + rename), NaN as null; StorageError naming it if it cannot be written."""
+    write_text(path, json.dumps(_clean(obj), indent=2))
 
 
 def _clean(obj):

@@ -120,6 +120,34 @@ def test_modularity_pvalue_separates_structure_from_noise():
     assert p_rand > 0.05
 
 
+def test_modularity_null_is_clustered_with_the_observed_n_init(monkeypatch):
+    """The null networks are clustered exactly as the observed one (same k values, n_init and seed): each null Q
+    equals cluster_categories on that shuffled network with the observed settings, and KMeans sees the observed
+    n_init (with fewer restarts k-means lands in poorer optima on the null networks and p comes out too small)."""
+    import sklearn.cluster
+
+    rng = np.random.default_rng(9)
+    R = rng.uniform(-1, 1, (14, 14))
+    R = cat.network((R + R.T) / 2)
+    res = cat.cluster_categories(R, range(2, 6), seed=3, n_init=7)
+    assert (res.n_init, res.seed) == (7, 3)
+    seen = []
+
+    class SpyKMeans(sklearn.cluster.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            seen.append((self.n_init, self.random_state))
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(sklearn.cluster, "KMeans", SpyKMeans)
+    p, null = cat.modularity_pvalue(R, res, n_perm=6, seed=3)
+    assert set(seen) == {(7, 3)} and len(seen) == 6 * 4  # 6 null networks x k = 2..5
+    shuffles = np.random.default_rng(3)
+    expected = [cat.cluster_categories(cat.shuffle_similarities(R, shuffles), range(2, 6), seed=3, n_init=7).q
+                for _ in range(6)]
+    np.testing.assert_allclose(null, expected, rtol=0, atol=0)
+    assert p == (1 + np.sum(null >= res.q - 1e-12)) / 7
+
+
 def test_shuffle_similarities_keeps_values_and_symmetry():
     W, _ = block_network(noise=0.1)
     S = cat.shuffle_similarities(W, np.random.default_rng(0))

@@ -56,28 +56,37 @@ def self_only_mask(L):
 # ----------------------------------------------------------------------------- dense features
 
 
-def test_maskclip_is_the_value_path_open_clip():
+def test_maskclip_is_the_last_block_with_the_value_path_open_clip():
+    """MaskCLIP's reference (and BrainSAIL): only the last block's attention becomes the value path; its residual
+    and MLP stay. Reference: open_clip's own ResidualAttentionBlock, each token attending to itself only (softmax
+    over one key = 1, so its attention returns out_proj(v)), then the model's ln_post and proj."""
     vit = open_clip_vit()
     x = torch.randn(3, 3, 32, 32)
     tokens = last_block_input(vit, vit.transformer.resblocks, vit, x)
     blk = vit.transformer.resblocks[-1]
-    y = blk.ln_1(tokens)
-    with torch.no_grad():  # nn.MultiheadAttention itself, each token attending to itself only
-        value = blk.attn(y, y, y, need_weights=False, attn_mask=self_only_mask(y.shape[1]))[0]
-        expected = (vit.ln_post(value) @ vit.proj)[:, 1:].reshape(3, 4, 4, 16)
+    with torch.no_grad():
+        block_out = blk(tokens, attn_mask=self_only_mask(tokens.shape[1]))  # the whole block, as trained
+        expected = (vit.ln_post(block_out) @ vit.proj)[:, 1:].reshape(3, 4, 4, 16)
+        y = blk.ln_1(tokens)  # the same by hand: y = x + ls_1(out_proj(v)); y + ls_2(mlp(ln_2(y)))
+        v = F.linear(y, blk.attn.in_proj_weight, blk.attn.in_proj_bias).chunk(3, -1)[2]
+        by_hand = tokens + blk.ls_1(blk.attn.out_proj(v))
+        by_hand = by_hand + blk.ls_2(blk.mlp(blk.ln_2(by_hand)))
+        torch.testing.assert_close(by_hand, block_out, atol=1e-5, rtol=1e-4)
+        value_only = (vit.ln_post(blk.attn.out_proj(v)) @ vit.proj)[:, 1:].reshape(3, 4, 4, 16)
     got = DenseFeatures(vit, "maskclip")(x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, (vit.ln_post(blk(tokens)) @ vit.proj)[:, 1:].reshape(3, 4, 4, 16), atol=1e-3)
+    assert not torch.allclose(got, value_only, atol=1e-2)  # what it was before: no residual, no MLP
 
 
-def test_maskclip_is_the_value_path_timm_with_registers():
+def test_maskclip_is_the_last_block_with_the_value_path_timm_with_registers():
     vit = timm_vit()
     x = torch.randn(2, 3, 32, 32)
     tokens = last_block_input(vit, vit.blocks, vit.forward_features, x)
     blk = vit.blocks[-1]
-    with torch.no_grad():  # timm's own Attention with a self-only mask, LayerScale, final norm
-        branch = blk.ls1(blk.attn(blk.norm1(tokens), attn_mask=self_only_mask(tokens.shape[1])))
-        expected = vit.fc_norm(vit.norm(branch))[:, 3:].reshape(2, 4, 4, 32)
+    with torch.no_grad():  # timm's own Block (LayerScale ls1, ls2) with a self-only mask, then norm, fc_norm
+        block_out = blk(tokens, attn_mask=self_only_mask(tokens.shape[1]))
+        expected = vit.fc_norm(vit.norm(block_out))[:, 3:].reshape(2, 4, 4, 32)
     torch.testing.assert_close(DenseFeatures(vit, "maskclip")(x), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -152,7 +161,7 @@ def test_attention_pool_head_sees_each_patch_alone():
     tokens = last_block_input(vit, vit.blocks, vit.forward_features, x)
     blk, pool = vit.blocks[-1], vit.attn_pool
     with torch.no_grad():
-        t = vit.norm(blk.attn(blk.norm1(tokens), attn_mask=self_only_mask(16)))
+        t = vit.norm(blk(tokens, attn_mask=self_only_mask(16)))  # MaskCLIP's last block, then the trunk's norm
         v = pool.kv(t).chunk(2, -1)[1]
         p = pool.proj(v)
         expected = vit.fc_norm(p + pool.mlp(pool.norm(p))).reshape(2, 4, 4, 32)

@@ -4,7 +4,8 @@ import pytest
 from scipy.stats import gamma
 
 from datamodules.hrf import (HRF_PRESETS, convolve_hrf, double_gamma_hrf, frames_to_volumes, gamma_pdf, hrf_kernel,
-                             sample_at_tr)
+                             sample_at_times, sample_at_tr)
+from datamodules.video_timing import kept_volumes, released_times, volume_features
 
 
 def scipy_double_gamma(t, delay, undershoot, dispersion, undershoot_dispersion, ratio, onset=0.0):
@@ -83,3 +84,40 @@ def test_frames_to_volumes_delays_an_event_by_the_hrf_peak():
     assert np.argmax(y) == 14  # peak 4 s later, in the volume covering [14, 15) s
     assert y.sum() * fps * tr == pytest.approx(1.0)  # unit-sum HRF: window means x frames per TR
     assert y[:10].max() == 0
+
+
+def test_full_convolution_and_sampling_at_times():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 2))
+    h = hrf_kernel("wen", 0.5)
+    y = convolve_hrf(x, h, n_out=50)  # continues after the last frame, as MATLAB's full conv
+    for j in range(2):
+        np.testing.assert_allclose(y[:, j], np.convolve(x[:, j], h)[:50], atol=1e-12)
+    np.testing.assert_array_equal(convolve_hrf(x, h, n_out=20), convolve_hrf(x, h)[:20])
+    # nearest frame at 2 Hz: 1.2 s -> frame 2 (1.0 s), 1.25 s -> frame 3 (halves round up), 1.3 s -> frame 3
+    np.testing.assert_array_equal(sample_at_times(y, 2.0, [0.0, 1.2, 1.25, 1.3, 24.5]), y[[0, 2, 3, 3, 49]])
+    with pytest.raises(ValueError, match="y has 50 frames"):
+        sample_at_times(y, 2.0, [25.0])
+
+
+def test_released_timing_by_hand():
+    """Wen et al. 2018's released code: 245 volumes -> drop the first 1 and the last 4; 246 -> the first 2 and
+    the last 4; kept volume k <-> the convolved features at 2k + 5 s (read from 4 s on, sampled at 1, 3, 5 … s)."""
+    assert kept_volumes(245, 240, "released") == slice(1, 241)
+    assert kept_volumes(246, 240, "released") == slice(2, 242)
+    assert kept_volumes(246, 240, "first") == slice(0, 240)
+    for n_time in (240, 244, 247):
+        with pytest.raises(ValueError, match="expects 245 or 246"):
+            kept_volumes(n_time, 240, "released")
+    with pytest.raises(ValueError, match="data.timing must be one of released, first"):
+        kept_volumes(245, 240, "middle")
+    np.testing.assert_array_equal(released_times(240, 2.0)[[0, 1, 239]], [5.0, 7.0, 483.0])
+    # an event at 10 s peaks 4 s later (Wen's HRF): in the volume whose feature time is 14 s, k = (14 - 5) / 2
+    fps, tr = 10.0, 1.0
+    x = np.zeros(600)
+    x[100] = 1.0
+    y = volume_features(x, fps, tr, 60, "wen", "released")  # feature times 5, 6, … s
+    assert np.argmax(y) == 9 and released_times(60, tr)[9] == 14.0
+    h = hrf_kernel("wen", 1 / fps)
+    np.testing.assert_allclose(y, np.convolve(x, h)[(released_times(60, tr) * fps).round().astype(int)], atol=1e-15)
+    np.testing.assert_array_equal(volume_features(x, fps, tr, 60, "wen", "first"), frames_to_volumes(x, fps, tr, 60))

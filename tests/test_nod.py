@@ -253,6 +253,17 @@ def test_empty_roi_after_nan_removal(nod_root, nod_copy):
     assert "empty after removing" in str(err.value)
 
 
+@pytest.mark.parametrize("value", [np.nan, 2.0], ids=["nan", "constant"])
+def test_dead_run_names_its_file(nod_copy, value):
+    """A run whose betas are NaN (or constant) at every grayordinate names its file, not the results folder."""
+    path = betas_path(nod_copy, "ses-imagenet01_task-imagenet_run-2")
+    rewrite_betas(path, data=np.full(nib.load(path).shape, value))
+    with pytest.raises(DataError) as err:
+        load(nod_copy)
+    assert one_line(err) == (f"{path}: all {N_CORTEX} selected grayordinates are NaN or constant over the run's "
+                             f"30 maps")
+
+
 def test_missing_images(nod_root, nod_copy):
     events = nod_copy / "sub-01/ses-imagenet01/func/sub-01_ses-imagenet01_task-imagenet_run-02_events.tsv"
     row = read_tsv(events)[4]
@@ -267,6 +278,34 @@ def test_missing_images(nod_root, nod_copy):
         load(nod_copy)
     assert one_line(err).startswith(f"{nod_copy / 'stimuli/coco_images.csv'}: image '{coco}' (a trial of ")
     assert "not found" in str(err.value)
+
+
+def test_without_coco_images_csv_the_order_comes_from_the_coco_events(nod_root, nod_copy, caplog):
+    """NOD's coco_images.csv lists the 120 COCO images sorted by file name, in beta-map order; without it the
+    same order is derived from the COCO events' stim_file names (sorted), said in one warning line."""
+    with_csv, images = load(nod_root)
+    listed = [r["img"] for r in sorted(read_tsv(nod_root / "stimuli/coco_images.csv", ","), key=lambda r: int(r["num"]))]
+    assert listed == sorted(listed)  # as NOD's support file: sorted by file name
+    (nod_copy / "stimuli/coco_images.csv").unlink()
+    with caplog.at_level("WARNING", logger="datamodules.nod"):
+        derived, derived_images = load(nod_copy)
+    lines = [r.getMessage() for r in caplog.records if "coco_images.csv not found" in r.getMessage()]
+    assert len(lines) == 1 and "sorted order of the 20 COCO images" in lines[0] and "\n" not in lines[0], lines
+    assert derived_images.names == images.names
+    np.testing.assert_array_equal(derived.stim_ids, with_csv.stim_ids)
+    np.testing.assert_array_equal(derived.responses, with_csv.responses)
+    np.testing.assert_array_equal(derived.ncsnr, with_csv.ncsnr)
+    # it can fail: COCO maps read in another order (here: the events' presentation order) change the responses
+    events = sorted((nod_copy / "sub-01/ses-coco/func").glob("*_events.tsv"))
+    shown = [r["stim_file"] for r in read_tsv(events[0])]
+    assert shown != sorted(shown)
+    # an explicitly configured list must exist; COCO runs that show other images are named
+    with pytest.raises(DataError, match="elsewhere.csv: file not found"):
+        load(nod_copy, coco_images_csv=nod_copy / "elsewhere.csv")
+    text = events[1].read_text()
+    events[1].write_text(text.replace(Path(shown[0]).name, "000000000000.jpg", 1))
+    with pytest.raises(DataError, match=rf"{events[1].name}: its COCO images differ from those of {events[0].name}"):
+        load(nod_copy)
 
 
 def test_missing_events_column_and_session(nod_copy):

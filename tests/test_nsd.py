@@ -182,9 +182,26 @@ def test_corrupt_hdf5_is_named(nsd):
 
 
 def test_all_voxels_dead(nsd):
-    root, _ = nsd
-    for s in (1, 2):
+    """A session that is constant (or NaN) at every selected voxel names its file, not the betas folder."""
+    root, truth = nsd
+    with h5py.File(betas_path(root, 2), "r+") as f:
+        f["betas"][...] = 0
+    n = len(truth["xyz"])
+    with pytest.raises(DataError, match=rf"betas_session02\.hdf5: all {n} selected voxels \('nsdgeneral'\) are NaN "
+                                        r"or constant over the session's trials"):
+        load_subject(root, 1, roi_files=[])
+
+
+def test_voxels_dead_in_different_sessions_name_those_sessions(nsd):
+    """No session is dead as a whole, but together they leave no voxel: the message lists the sessions."""
+    root, truth = nsd
+    xyz = truth["xyz"]
+    half = len(xyz) // 2
+    for s, part in ((1, xyz[:half]), (2, xyz[half:])):
         with h5py.File(betas_path(root, s), "r+") as f:
-            f["betas"][...] = 0
-    with pytest.raises(DataError, match=r"every voxel in 'nsdgeneral' is NaN or constant"):
+            volume = f["betas"][...]
+            volume[:, part[:, 2], part[:, 1], part[:, 0]] = 7
+            f["betas"][...] = volume
+    with pytest.raises(DataError, match=r"every voxel in 'nsdgeneral' is NaN or constant in one of the sessions "
+                                        r"betas_session01\.hdf5, betas_session02\.hdf5"):
         load_subject(root, 1, roi_files=[])

@@ -137,9 +137,14 @@ def test_roi_empty_after_nan_removal(nsd):
     nib.save(nib.MGHImage(data, img.affine), path)
     kept = load_subject(root, 1, roi_files=["floc-faces"], space="fsaverage")  # without the selection: dropped
     assert kept.n_dropped == len(ffa) and "FFA-1" not in kept.rois
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError) as err:  # FFA-1 alone selected: the session file is dead there, and named
         load_subject(root, 1, roi_files=["floc-faces"], space="fsaverage", rois=["FFA-1"])
-    assert f"ROI 'FFA-1' is empty after dropping its {len(ffa)} NaN or constant voxels" in one_line(err)
+    assert (f"rh.betas_session02.mgh: all {len(ffa)} selected vertices ('nsdgeneral' ∩ ['FFA-1']) are NaN or "
+            "constant") in one_line(err)
+    with pytest.raises(DataError) as err:  # with another ROI selected too, FFA-1 ends up empty
+        load_subject(root, 1, roi_files=["floc-faces"], space="fsaverage", rois=["FFA-1", "nsdgeneral"])
+    expected = f"ROI 'FFA-1' is empty after dropping its {len(ffa)} NaN or constant voxels (in rh.betas_session02.mgh, "
+    assert expected in one_line(err)
 
 
 # --- single trials --------------------------------------------------------------------------------

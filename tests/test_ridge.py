@@ -1,12 +1,15 @@
-"""Ridge with a per-voxel alpha against scikit-learn, brute-force CV and himalaya."""
+"""Ridge with a per-voxel alpha against scikit-learn, brute-force CV and himalaya; grouped folds and splitters."""
+import logging
+
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
+from sklearn.model_selection import GroupKFold, PredefinedSplit, ShuffleSplit
 
 from encoders.heads import RidgeHead
-from encoders.ridge import RidgeCV, kfold_indices
+from encoders.ridge import RidgeCV, cv_splits, kfold_indices
 
 ALPHAS = np.logspace(-3, 5, 9)
 
@@ -31,11 +34,12 @@ def test_fixed_alpha_matches_sklearn(solver):
 
 
 def brute_force_cv(X, Y, folds, score):
+    """scikit-learn's Ridge per alpha and fold; folds: held-out index arrays (train = the rest) or (train, test)."""
     X, Y = X.astype(np.float64), Y.astype(np.float64)
     out = np.zeros((len(ALPHAS), Y.shape[1]))
     for a, alpha in enumerate(ALPHAS):
         for f in folds:
-            train = np.setdiff1d(np.arange(len(X)), f)
+            train, f = f if isinstance(f, tuple) else (np.setdiff1d(np.arange(len(X)), f), f)
             pred = Ridge(alpha=alpha).fit(X[train], Y[train]).predict(X[f])
             if score == "r2":
                 out[a] += r2_score(Y[f], pred, multioutput="raw_values")
@@ -105,3 +109,129 @@ def test_ridge_head_predicts_like_its_estimator():
     np.testing.assert_allclose(head(torch.from_numpy(X)).numpy(), est.predict(X), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(head.best_alphas.numpy(), est.best_alphas_)
     assert not list(head.parameters())  # nothing for an optimiser to train
+
+
+# ----------------------------------------------------------------------------- folds: groups and splitters
+
+
+def single_trials(n_images=60, n_repeats=3, d=100, v=30, seed=0):
+    """Single trials: every image seen n_repeats times (rows of an image adjacent, as NSD's single-trial rows).
+    Responses = an image-specific effect that the features cannot predict for a new image (random per image,
+    shared by its trials) + trial noise; d > n_images, so a weakly regularised ridge memorises seen images."""
+    rng = np.random.default_rng(seed)
+    image_x = rng.normal(size=(n_images, d))
+    image_effect = rng.normal(size=(n_images, v))
+    ids = np.repeat(rng.choice(10_000, n_images, replace=False), n_repeats)
+    rows = np.repeat(np.arange(n_images), n_repeats)
+    X = (image_x[rows] + 0.05 * rng.normal(size=(len(rows), d))).astype(np.float32)
+    Y = (image_effect[rows] + 0.5 * rng.normal(size=(len(rows), v))).astype(np.float32)
+    return X, Y, ids
+
+
+def test_grouped_folds_never_split_a_group_and_reduce_to_kfold():
+    _, _, ids = single_trials()
+    for shuffle in (True, False):
+        folds = kfold_indices(len(ids), 5, shuffle, seed=3, groups=ids)
+        assert sorted(np.concatenate(folds).tolist()) == list(range(len(ids)))
+        held_out = [set(ids[f].tolist()) for f in folds]
+        assert all(not (held_out[a] & held_out[b]) for a in range(5) for b in range(a + 1, 5))
+        assert {len(h) for h in held_out} == {12}  # 60 images, 5 folds: 12 images (36 trials) each
+    distinct = np.random.default_rng(0).permutation(1000)[:97]  # every id once: the plain K-fold
+    for shuffle in (True, False):
+        assert all(np.array_equal(a, b) for a, b in zip(kfold_indices(97, 5, shuffle, 2, groups=distinct),
+                                                        kfold_indices(97, 5, shuffle, 2)))
+    with pytest.raises(ValueError, match="n_folds <= the number of groups"):
+        kfold_indices(6, 5, groups=[1, 1, 2, 2, 3, 3])
+
+
+@pytest.mark.parametrize("solver", ["primal", "dual"])
+def test_splitters_and_split_lists_equal_brute_force_cv(solver):
+    X, Y = make_data(n=90, d=12, v=10, seed=7)
+    if solver == "dual":
+        X = np.concatenate([X] * 9, axis=1)[:, :100] + np.random.default_rng(1).normal(size=(90, 100)).astype(np.float32)
+    test_fold = np.random.default_rng(2).integers(-1, 3, size=90)  # 3 held-out folds and rows never held out
+    for cv in (PredefinedSplit(test_fold), ShuffleSplit(4, test_size=0.3, random_state=0)):
+        pairs = list(cv.split(X))
+        ours = RidgeCV(alphas=ALPHAS, cv=cv, solver=solver, voxel_batch=4).fit(X, Y)
+        np.testing.assert_allclose(ours.cv_scores_, brute_force_cv(X, Y, pairs, "r2"), atol=1e-6)
+        from_list = RidgeCV(alphas=ALPHAS, cv=pairs, solver=solver).fit(X, Y)
+        np.testing.assert_array_equal(from_list.best_alphas_, ours.best_alphas_)
+        assert ours.n_splits_ == len(pairs) and not ours.grouped_
+
+
+def test_bad_splits_are_named():
+    with pytest.raises(ValueError, match="cv split 0: 2 samples are both trained on and held out"):
+        cv_splits([(np.arange(6), np.arange(2))], 10)
+    with pytest.raises(ValueError, match="outside"):
+        cv_splits([(np.arange(6), np.array([6, 12]))], 10)
+    with pytest.raises(ValueError, match="cv must be an int, a scikit-learn splitter"):
+        cv_splits("five", 10)
+    with pytest.raises(ValueError, match="groups must have shape"):
+        RidgeCV(alphas=ALPHAS).fit(np.zeros((10, 2)), np.zeros((10, 3)), groups=np.zeros(9))
+
+
+def test_matches_himalaya_on_identical_group_splits():
+    """himalaya's RidgeCV calls cv.split(Y) without groups, so it gets the same GroupKFold splits as a list."""
+    himalaya_ridge = pytest.importorskip("himalaya.ridge")
+    from himalaya.scoring import r2_score as himalaya_r2
+    X, Y, ids = single_trials(n_images=80, d=40, seed=4)
+    Y = Y + X[:, :5] @ np.random.default_rng(5).normal(size=(5, Y.shape[1])).astype(np.float32)  # some signal
+    for ours, splits in ((RidgeCV(alphas=ALPHAS, cv=GroupKFold(5)).fit(X, Y, groups=ids),
+                          list(GroupKFold(5).split(X, groups=ids))),
+                         (RidgeCV(alphas=ALPHAS, cv=5, seed=1).fit(X, Y, groups=ids),
+                          cv_splits(5, len(X), ids, shuffle=True, seed=1))):
+        assert all(not set(ids[tr]) & set(ids[te]) for tr, te in splits)  # no image on both sides
+        ref = himalaya_ridge.RidgeCV(alphas=ALPHAS, cv=splits, fit_intercept=True,
+                                     solver_params={"score_func": himalaya_r2}).fit(X.astype(np.float64),
+                                                                                    Y.astype(np.float64))
+        np.testing.assert_allclose(ours.best_alphas_, np.asarray(ref.best_alphas_), rtol=1e-9)
+        np.testing.assert_allclose(ours.predict(X), np.asarray(ref.predict(X.astype(np.float64))), rtol=1e-4,
+                                   atol=1e-3)
+        assert ours.grouped_
+
+
+def test_single_trials_without_groups_choose_too_little_regularisation(caplog):
+    """The trials of an image in both training and held-out folds reward memorising the image: ungrouped CV
+    scores a response the features cannot predict for new images as predictable and picks small alphas;
+    grouped CV sees no generalisation (best CV R² <= ~0) and regularises as much as the grid allows, and says
+    so in one warning line (here: ungrouped median alpha 10, median best CV R² 0.62; grouped median alpha
+    1e5, the grid's top for 2/3 of the voxels, median best CV R² -0.07)."""
+    X, Y, ids = single_trials()
+    plain = RidgeCV(alphas=ALPHAS).fit(X, Y)
+    with caplog.at_level(logging.WARNING, logger="encoders.ridge"):
+        grouped = RidgeCV(alphas=ALPHAS).fit(X, Y, groups=ids)
+    best_plain, best_grouped = plain.cv_scores_.max(0), grouped.cv_scores_.max(0)
+    assert np.median(best_plain) > 0.5 and np.median(best_grouped) < 0.05, (best_plain, best_grouped)
+    assert np.all(grouped.best_alphas_ >= plain.best_alphas_) and np.median(grouped.best_alphas_) >= 1e3 * np.median(
+        plain.best_alphas_)
+    assert grouped.alpha_edge_fraction_["highest"] > 0.5 and plain.alpha_edge_fraction_["highest"] == 0
+    lines = [r.getMessage() for r in caplog.records if "grid" in r.getMessage()]
+    assert len(lines) == 1 and "at its highest (1e+05) for" in lines[0] and "\n" not in lines[0], lines
+    record = grouped.cv_record()
+    assert record["grouped"] and record["n_splits"] == 5 and record["alpha_edge_fraction"][1] > 0.5
+
+
+def test_ridge_head_passes_groups_to_its_estimator():
+    X, Y, ids = single_trials(seed=2)
+    head = RidgeHead(X.shape[1], Y.shape[1], alphas=ALPHAS).fit(torch.from_numpy(X), Y, groups=ids)
+    np.testing.assert_array_equal(head.best_alphas.numpy(), RidgeCV(alphas=ALPHAS).fit(X, Y, groups=ids).best_alphas_)
+    assert head.estimator.grouped_
+
+
+def test_train_groups_single_trials_of_an_image(make_cfg, synthetic_root, tmp_path):
+    """train.py hands the split's stimulus ids to the ridge head: with data.average_repeats=false (one row per
+    trial) the CV folds keep every image's trials together, and the run records it."""
+    from train import train
+
+    cfg = make_cfg([f"data.root={synthetic_root}", "data.synthetic=null", "data.average_repeats=false",
+                    "head=ridge", "trainer=cpu", "logger=none", "trainer.enable_progress_bar=false"])
+    result = train(cfg, tmp_path / "run")
+    ids = result.datamodule.split_ids["train"]
+    assert len(np.unique(ids)) < len(ids)  # single trials: ids repeat
+    est = result.model.head.estimator
+    features = result.model.features(result.datamodule.features["train"])
+    refit = RidgeCV(alphas=est.alphas, cv=est.cv, shuffle=est.shuffle, seed=est.seed).fit(
+        features, result.datamodule.targets("train"), groups=ids)
+    np.testing.assert_array_equal(est.best_alphas_, refit.best_alphas_)
+    record = np.load(tmp_path / "run" / "ridge_cv.npz")
+    assert bool(record["grouped"]) and record["alpha_edge_fraction"].shape == (2,)

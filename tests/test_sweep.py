@@ -1,7 +1,8 @@
 """Sweeps: a joblib-launched backbone x head grid with a failing job, an Optuna search, the SLURM launcher.
 
 The joblib sweep runs 3 backbones x 2 heads plus a backbone whose weights file is missing: its two
-jobs fail, write failed.json, and every other job still completes; the summary lists the failures.
+jobs fail, write failed.json, and every other job still completes; the sweep then exits 1 saying how
+many failed, and the summary lists the failures.
 """
 import json
 import os
@@ -38,7 +39,9 @@ def test_joblib_sweep_completes_around_a_failing_job(tmp_path, capsys):
          f"paths.output_dir={tmp_path / 'outputs'}"],
         cwd=REPO, capture_output=True, text=True, timeout=500,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 1, proc.stderr[-4000:]  # after every other job finished: how many failed, and where
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 job(s) of the sweep failed (first: ")
+    assert f"sweep_dir={sweep}" in proc.stderr and "broken_tiny.pt" in proc.stderr
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr  # the jobs ran in 2 worker processes
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 8

@@ -231,12 +231,15 @@ def signed_modularity(W: np.ndarray, labels: np.ndarray) -> float:
 @dataclass
 class ClusterResult:
     """labels (n,) 0-based cluster per node; q: signed modularity; k: number of clusters;
-    q_by_k {k: Q of that k's k-means partition}."""
+    q_by_k {k: Q of that k's k-means partition}; n_init, seed: the k-means restarts and seed used (the
+    modularity null clusters its shuffled networks the same way)."""
 
     labels: np.ndarray
     q: float
     k: int
     q_by_k: dict[int, float] = field(default_factory=dict)
+    n_init: int = 10
+    seed: int = 0
 
 
 def cluster_categories(W: np.ndarray, k_range: Sequence[int] | None = None, seed: int = 0,
@@ -271,7 +274,7 @@ def _cluster(W: np.ndarray, k_range: Sequence[int] | None, seed: int, n_init: in
         q_by_k[k] = q
         if best is None or q > best.q + 1e-12:
             best = ClusterResult(_relabel(labels), q, k)
-    best.q_by_k = q_by_k
+    best.q_by_k, best.n_init, best.seed = q_by_k, int(n_init), int(seed)
     return best
 
 
@@ -297,13 +300,15 @@ def shuffle_similarities(W: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def modularity_pvalue(W: np.ndarray, result: ClusterResult, n_perm: int = 1000, seed: int = 0,
                       recluster: bool = True, k_range: Sequence[int] | None = None,
-                      n_init: int = 4) -> tuple[float, np.ndarray]:
+                      n_init: int | None = None) -> tuple[float, np.ndarray]:
     """Permutation p-value of the clustering's Q against networks with shuffled pairwise similarities.
 
     W: the (n, n) network the clustering was found on. recluster=True (default): each shuffled
     network is clustered again over the same k (``k_range``, default the k values the observed
     clustering searched, ``result.q_by_k``) and its best Q enters the null, so the null includes the
-    choice of partition that made the observed Q large. recluster=False: Q of the fixed partition
+    choice of partition that made the observed Q large; it is clustered as the observed network was
+    (``n_init`` k-means restarts, default ``result.n_init``, with ``seed``): fewer restarts would find
+    lower Q on the null networks and make p too small. recluster=False: Q of the fixed partition
     ``result.labels`` on each shuffled network (faster, but anti-conservative for a partition chosen
     on W). Returns (p = (1 + #{Q_null >= Q}) / (1 + n_perm), Q_null (n_perm,)).
     """
@@ -311,6 +316,7 @@ def modularity_pvalue(W: np.ndarray, result: ClusterResult, n_perm: int = 1000, 
 
     rng = np.random.default_rng(seed)
     ks = list(k_range) if k_range is not None else (sorted(result.q_by_k) or [result.k])
+    n_init = result.n_init if n_init is None else int(n_init)
     null = np.empty(n_perm)
     with threadpool_limits(1):
         for i in range(n_perm):

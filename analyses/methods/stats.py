@@ -124,8 +124,9 @@ def bootstrap_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int = 2000, se
     """One-sided bootstrap p-value of R² > 0 per voxel (CLIP-MSM): (n_samples, n_voxels) x 2 -> (n_voxels,).
 
     The test rows are resampled with replacement ``n_boot`` times (the same resamples for every
-    voxel, :func:`bootstrap_indices`); R² is recomputed on each resample and p = the fraction of
-    resamples with R² <= 0. Each resample is a vector of row counts c, so
+    voxel, :func:`bootstrap_indices`); R² is recomputed on each resample and p = (k + 1) / (n_boot + 1)
+    with k the number of resamples with R² <= 0 (as the permutation p-values: never exactly 0, the
+    smallest attainable p is 1 / (n_boot + 1)). Each resample is a vector of row counts c, so
     SS_res = c·(t - p)², SS_tot = c·t² - (c·t)²/n are three (n_boot, n) @ (n, voxel_batch)
     float64 products: memory O(n_boot · voxel_batch), never (n_boot, n, n_voxels).
     NaN where the response is constant. ``device`` may be "cuda".
@@ -147,7 +148,7 @@ def bootstrap_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int = 2000, se
         ss_tot = ss_tot_c - (counts @ t) ** 2 / n
         # a degenerate resample (all drawn responses equal) has no R²: it counts against the voxel
         degenerate = ss_tot <= 1e-12 * torch.clamp(ss_tot_c, min=1e-300)
-        pvals = ((ss_res >= ss_tot) | degenerate).to(torch.float64).mean(0)
+        pvals = (((ss_res >= ss_tot) | degenerate).to(torch.float64).sum(0) + 1) / (n_boot + 1)
         pvals[constant] = float("nan")
         out[start:start + voxel_batch] = pvals.cpu().numpy()
     return out
