@@ -259,6 +259,10 @@ def build_model(cfg: DictConfig) -> tuple[EncodingModel, object, dict, dict]:
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                           seed=int(cfg.seed))
     model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
+    reducer = getattr(dm, "frame_reducer", None)
+    if reducer is not None:  # a video run: its frame z-score and PCA become part of the saved transform
+        model.transform.set_frame_stage(reducer, temporal={
+            "tr": getattr(dm, "tr", None), **{k: feature_info.get(k) for k in ("frame_rate", "hrf", "timing", "detrend_order")}})
     return model, dm, features, feature_info
 
 
