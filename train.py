@@ -39,7 +39,6 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write  # noqa: E402
 
-from analyses.summary import find_failed  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
@@ -47,9 +46,10 @@ from encoders.extract import extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
 from encoders.model import EncodingModel  # noqa: E402
-from encoders.run_record import git_commit, package_versions, write_json, write_voxel_metrics  # noqa: E402
-from encoders.storage import (StorageError, atomic_write, is_storage_failure, reason, require_writable_dir,  # noqa: E402
-                              write_text)
+from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
+from encoders.run_record import git_commit, package_versions  # noqa: E402
+from encoders.storage import StorageError, is_storage_failure, reason, require_writable_dir  # noqa: E402
+from encoders.wandb_mode import wandb_offline  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
 from encoders.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("brainprobe.train")
@@ -60,14 +60,6 @@ class ConfigError(ValueError):
 
 
 USER_ERRORS = (DataError, WeightsError, ConfigError, StorageError)
-
-
-def wandb_offline() -> bool:
-    """W&B runs offline unless a key is set or WANDB_MODE asks for online: never blocks on the network."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode:
-        return mode in ("offline", "disabled", "dryrun")
-    return not os.environ.get("WANDB_API_KEY")
 
 
 def wandb_group(single_run_group: str) -> str:
@@ -189,9 +181,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
-def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
+def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,
               started: float, feature_info: dict) -> dict:
-    """Write metrics.json, voxel_metrics.npz, split.json, run.json, head.pt, predictions."""
+    """Write the run's files through ``run`` (metrics, per-voxel scores, split, predictions, head, run.json)."""
     per_split, metrics, predictions = {}, {}, {}
     for split in ("val", "test"):
         with backbone_autocast(cfg, model.device):  # as in the trainer's loops (only the backbone autocasts)
@@ -204,31 +196,29 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
         metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
         predictions[split] = pred
-    write_voxel_metrics(run_dir / "voxel_metrics.npz", per_split, dm.data.voxel_xyz, dm.rois)
-    write_json(run_dir / "split.json", {"seed": int(cfg.seed), "subject": dm.subject, "id_base": 0,
-                                        **{s: ids for s, ids in dm.split_ids.items()}})
+    run.write_voxel_metrics(per_split, dm.data.voxel_xyz, dm.rois)
+    run.write_split(cfg.seed, dm.subject, dm.split_ids)
     if cfg.get("save_predictions", True):
-        atomic_write(run_dir / "predictions.npz", lambda f: np.savez_compressed(
-            f, **{f"{s}_pred": p.astype(np.float32) for s, p in predictions.items()},
-            **{f"{s}_true": dm.targets(s) for s in predictions}, **{f"{s}_ids": dm.split_ids[s] for s in predictions}))
-    head = {"head": model.head.state_dict(), "feature_mean": model.feature_mean.cpu(),
-            "feature_std": model.feature_std.cpu(), "n_features": model.n_features,
-            "n_voxels": model.n_voxels, "backbone": backbone.spec.name, "layers": backbone.layers}
-    atomic_write(run_dir / "head.pt", lambda f: torch.save(head, f))
+        run.write_predictions(predictions, {s: dm.targets(s) for s in predictions},
+                              {s: dm.split_ids[s] for s in predictions})
+    run.write_head({"head": model.head.state_dict(), "feature_transform": model.transform.state(),
+                    "feature_mean": model.feature_mean.cpu(), "feature_std": model.feature_std.cpu(),
+                    "n_features": model.n_features, "n_voxels": model.n_voxels, "backbone": backbone.spec.name,
+                    "layers": backbone.layers})
     if hasattr(model.head, "estimator") and hasattr(model.head.estimator, "cv_scores_"):
         est = model.head.estimator
-        atomic_write(run_dir / "ridge_cv.npz", lambda f: np.savez_compressed(
-            f, alphas=est.alphas, best_alphas=est.best_alphas_, cv_scores=est.cv_scores_.astype(np.float32),
-            **est.cv_record()))
+        run.write_ridge_cv(est.alphas, est.best_alphas_, est.cv_scores_, **est.cv_record())
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    write_json(run_dir / "run.json", {
+    run.write_info({
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
-        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(), "features": feature_info,
+        "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
+        "features": {**feature_info, "transform": model.transform.describe()},
+        "time_series": bool(getattr(dm, "time_series", False)),
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
         "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
     })
-    write_json(run_dir / "metrics.json", metrics)  # last: a run directory with metrics.json is complete
+    run.write_metrics(metrics)  # last: a run directory with metrics.json is complete
     return metrics
 
 
@@ -242,18 +232,23 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
-    """Fit and test one encoder as configured and write the run directory."""
-    started = time.time()
-    writer = rank_zero_only.rank == 0  # under DDP only global rank 0 writes the run directory
+def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
+    """The run directory with this config (global rank 0 writes it) and the checkpoint to resume from;
+    checks the config values the steps below cannot check themselves."""
     resume_from = resume_checkpoint(cfg, run_dir)  # before config.yaml is rewritten: it is compared
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    run = RunDir(run_dir)
+    if rank_zero_only.rank == 0:  # under DDP only global rank 0 writes the run directory
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
     check_precision(cfg)
+    return run, resume_from
+
+
+def build_model(cfg: DictConfig) -> tuple[EncodingModel, object, dict, dict]:
+    """Instantiate the backbone, the datamodule (and its features) and the head into an EncodingModel whose
+    feature transform is fitted on the training features: (model, datamodule, features, feature info)."""
     backbone = instantiate(cfg.backbone)  # before the data: a weights problem shows in seconds
     dm = build_datamodule(cfg)
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
@@ -264,23 +259,43 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                           seed=int(cfg.seed))
     model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
+    reducer = getattr(dm, "frame_reducer", None)
+    if reducer is not None:  # a video run: its frame z-score and PCA become part of the saved transform
+        model.transform.set_frame_stage(reducer, temporal={
+            "tr": getattr(dm, "tr", None), **{k: feature_info.get(k) for k in ("frame_rate", "hrf", "timing", "detrend_order")}})
+    return model, dm, features, feature_info
+
+
+def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run: RunDir,
+                 resume_from: str | None) -> L.Trainer:
+    """Fit the head (closed form on the training split, or epochs, resumed from a checkpoint) and test it."""
     trainer = build_trainer(cfg)
-    if getattr(head, "closed_form", False):
+    if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
+        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run.file(LAST_CHECKPOINT))
     else:
-        if resume_from and writer:
+        if resume_from and rank_zero_only.rank == 0:
             keep_earlier_logs(trainer)
         trainer.fit(model, datamodule=dm, ckpt_path=resume_from)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
         trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
+    return trainer
+
+
+def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
+    """Fit and test one encoder as configured and write the run directory: compose (``cfg``) -> instantiate
+    -> fit/test -> write."""
+    started = time.time()
+    run, resume_from = start_run(cfg, run_dir)
+    model, dm, features, feature_info = build_model(cfg)
+    trainer = fit_and_test(cfg, model, dm, features, run, resume_from)
     if not trainer.is_global_zero:
         return TrainResult(None, model, dm, run_dir)
-    metrics = write_run(run_dir, cfg, dm, model.cpu(), features, backbone, started, feature_info)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)  # an earlier failed attempt in this directory
+    metrics = write_run(run, cfg, dm, model.cpu(), features, model.backbone, started, feature_info)
+    run.clear_failure()  # an earlier failed attempt in this directory
     log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
              metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
     run_analysis_jobs(cfg, run_dir)
@@ -330,12 +345,12 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     the last completed epoch. The earlier attempt must have had the same config (its config.yaml;
     logger, resume and analyze aside): continuing another model's checkpoint would be silently wrong.
     """
-    last = run_dir / "checkpoints" / "last.ckpt"
+    run = RunDir(run_dir)
+    last = run.file(LAST_CHECKPOINT)
     if not cfg.get("resume", True) or not last.exists():
         return None
-    previous = run_dir / "config.yaml"
-    if previous.exists():
-        old = OmegaConf.to_container(OmegaConf.load(previous))
+    if run.file(CONFIG).exists():
+        old = OmegaConf.to_container(OmegaConf.load(run.file(CONFIG)))
         new = OmegaConf.to_container(cfg, resolve=True)
         for key in RESUME_IGNORED_KEYS:
             old.pop(key, None), new.pop(key, None)
@@ -392,11 +407,6 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
-# A failed sweep job leaves this file in its directory: {"error": one line, "type": exception class,
-# "overrides": the job's overrides, "traceback": text}. analyze.py analysis=summary lists them.
-FAILED_FILE = "failed.json"
-
-
 def record_failure(run_dir: Path, err: BaseException, overrides: list[str], console: bool = True) -> None:
     """Write failed.json (global rank 0 only) and log the failure with its traceback (console=False: to the
     log files only, e.g. train.log, when the console gets its own one-line message). A directory that holds
@@ -409,16 +419,16 @@ def record_failure(run_dir: Path, err: BaseException, overrides: list[str], cons
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
-    if rank_zero_only.rank != 0 or (run_dir / "metrics.json").exists():
+    run = RunDir(run_dir)
+    if rank_zero_only.rank != 0 or run.is_run:
         return
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / FAILED_FILE, {
+        run.write_failure({
             "error": str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
             "type": type(err).__name__, "overrides": overrides,
             "traceback": "".join(traceback.format_exception(err))})
     except OSError as write_err:
-        log.warning("could not record the failure in %s: %s", run_dir / FAILED_FILE, write_err)
+        log.warning("could not record the failure in %s: %s", run.file(FAILED), write_err)
 
 
 def storage_failure(err: BaseException, run_dir: Path) -> StorageError | None:
@@ -449,13 +459,13 @@ class RunDirChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = self._require(config.hydra.sweep.dir, "sweep directory")
-        self.earlier = {p: p.stat().st_mtime_ns for p in sweep.rglob(FAILED_FILE)}
+        self.earlier = {p: p.stat().st_mtime_ns for p in sweep.rglob(FAILED)}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
         earlier = getattr(self, "earlier", {})
         failed = [f for f in find_failed(sweep)
-                  if earlier.get(f["dir"] / FAILED_FILE) != (f["dir"] / FAILED_FILE).stat().st_mtime_ns]
+                  if earlier.get(f["dir"] / FAILED) != (f["dir"] / FAILED).stat().st_mtime_ns]
         if failed:
             first = failed[0]
             print(f"error: {len(failed)} job(s) of the sweep failed (first: {first['dir'].name}: {first['type']}: "
@@ -518,15 +528,13 @@ def ddp_job(cfg: DictConfig, run_dir: Path):
             torch.distributed.destroy_process_group()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """One job. A failing job records failed.json and the traceback in its log; in a multirun it returns None,
-    so the other jobs go on (RunDirChecks makes the sweep exit 1 at the end); a single run prints one line."""
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+def guarded(job, hydra_cfg, run_dir: Path):
+    """The one failure wrapper around a training job (``job()``): a failure is recorded in the job's
+    failed.json and its traceback in the log (``record_failure``); in a multirun the sweep then goes on
+    (returns None; RunDirChecks makes the sweep exit 1 at the end); otherwise a user error (``user_error``,
+    or a storage failure) is one ``error:`` line and exit code 2, and anything else is raised."""
     try:
-        with ddp_job(cfg, run_dir):
-            metrics = train(cfg, run_dir).metrics
+        return job()
     except Exception as err:
         cause = user_error(err) or storage_failure(err, run_dir)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -537,7 +545,21 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-    if metrics is None:  # a DDP rank > 0: rank 0 reports
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """One job. A failing job records failed.json and the traceback in its log; in a multirun it returns None,
+    so the other jobs go on (RunDirChecks makes the sweep exit 1 at the end); a single run prints one line."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+
+    def job():
+        with ddp_job(cfg, run_dir):
+            return train(cfg, run_dir).metrics
+
+    metrics = guarded(job, hydra_cfg, run_dir)
+    if metrics is None:  # a failed multirun job, or a DDP rank > 0 (rank 0 reports)
         return None
     split, _, key = str(cfg.optimized_metric).partition("/")
     return metrics.get(split, {}).get(key)

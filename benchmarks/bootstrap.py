@@ -1,4 +1,4 @@
-"""Bootstrap p-values of per-voxel R² (analyses.stats.bootstrap_pvalues): memory and time at scale, and a
+"""Bootstrap p-values of per-voxel R² (analyses.methods.stats.bootstrap_pvalues): memory and time at scale, and a
 side-by-side comparison with the plain resampling loop.
 
     python benchmarks/bootstrap.py                  # 100k voxels x 2000 resamples (n=1000) + reference on 256 voxels
@@ -46,7 +46,7 @@ def reference_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int, seed: int
     """The plain loop: for every resample, gather its rows and compute R² per voxel (float64)."""
     import torch
 
-    from analyses.stats import bootstrap_indices
+    from analyses.methods.stats import bootstrap_indices
 
     idx = torch.from_numpy(bootstrap_indices(true.shape[0], n_boot, seed)).to(device)
     out = np.empty(true.shape[1])
@@ -73,7 +73,7 @@ def rss_gb(field: str) -> float:
 def child(args) -> None:
     import torch  # noqa: F401  (import cost outside the timing)
 
-    from analyses.stats import bootstrap_pvalues
+    from analyses.methods.stats import bootstrap_pvalues
 
     pred, true = make_data(args.n, args.voxels)
     try:

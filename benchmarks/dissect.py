@@ -77,7 +77,7 @@ def run_one(method: str, n_images: int, n_voxels: int, n_concepts: int, d: int, 
     """Child process: one method, timings and peak memory to ``out`` (scores to out + .npy)."""
     import torch
 
-    from analyses import dissect
+    from analyses.methods import dissect
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     I, W, T = make_inputs(n_images, n_voxels, n_concepts, d)

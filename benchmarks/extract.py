@@ -69,7 +69,7 @@ def main() -> None:
     for name in args.backbones:
         backbone = build_backbone(name)
         dm.set_transform(backbone.transform)
-        batches = [torch.stack([backbone.transform(dm._brick.image(i)) for i in ids[s:s + args.batch]])
+        batches = [torch.stack([backbone.transform(dm.images.image(i)) for i in ids[s:s + args.batch]])
                    for s in range(0, len(ids), args.batch)]
         forward = bare_forward(name)
         bare_seconds(backbone.model, batches[:1], forward)  # warm-up

@@ -7,8 +7,8 @@ indices into the subject's stimulus list: every image its events name, sorted by
 ('coco/<file>', 'imagenet/<synset>/<file>'); ``describe()`` records the list. File layout: see
 :mod:`datamodules.nod_files`.
 
-``NODDataModule`` serves it through NSDDataModule's machinery (images or features, loaders,
-targets, noise ceiling). Splits: ``imagenet_coco`` (default) trains on the ImageNet images (val carved
+``NODDataModule`` serves it as every image datamodule does (``image_stimuli.ImageDataModule``: images or
+features, loaders, targets, noise ceiling). Splits: ``imagenet_coco`` (default) trains on the ImageNet images (val carved
 out, seeded) and tests on the repeat-averaged COCO images; ``random`` holds out ``test_fraction`` of all
 images (0.15 as in CLIP-MSM), seeded, and carves val from the rest.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import DataError
-from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
-                                   read_coco_images,
-                                   read_cortex, read_dlabel, read_tsv, resolve_imagenet)
-from datamodules.nsd import NSDDataModule, SubjectResponses
 from datamodules.fmri_runs import ncsnr_from_repeats
+from datamodules.image_stimuli import ImageDataModule, permute_within_columns
+from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
+                                   read_coco_images, read_cortex, read_dlabel, read_tsv, resolve_imagenet)
+from datamodules.nsd import SubjectResponses
 from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns,
                                        invalid_voxels, split_train_val, zscore_trials)
 
@@ -97,6 +97,14 @@ def run_stimuli(paths: NODPaths, run: Run, imagenet_dir: Path, coco_dir: Path, c
     return names, files, len(rows)
 
 
+def image_folders(root: str | Path, imagenet_dir: str | Path | None = None,
+                  coco_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The ImageNet and COCO image folders: as given, else ``<root>/stimuli/imagenet`` and ``<root>/stimuli/coco``."""
+    root = Path(root)
+    return (Path(imagenet_dir) if imagenet_dir else root / "stimuli/imagenet",
+            Path(coco_dir) if coco_dir else root / "stimuli/coco")
+
+
 def coco_order(paths: NODPaths, coco_runs: list[Run], coco_csv: Path, explicit: bool) -> tuple[list[str] | None, Path]:
     """The COCO beta-map order and where it came from: coco_images.csv, or, when the default one is absent,
     the sorted stim_file names of the COCO events (said in one warning line). A data.coco_images_csv that was
@@ -126,8 +134,7 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
     root = Path(root)
     roi_mask = [roi_mask] if isinstance(roi_mask, str) else roi_mask
     paths = NODPaths(root, int(subject))
-    imagenet_dir = Path(imagenet_dir) if imagenet_dir else root / "stimuli/imagenet"
-    coco_dir = Path(coco_dir) if coco_dir else root / "stimuli/coco"
+    imagenet_dir, coco_dir = image_folders(root, imagenet_dir, coco_dir)
     coco_csv = Path(coco_images_csv) if coco_images_csv else root / "stimuli/coco_images.csv"
     runs = paths.runs()
     if sessions is not None:
@@ -207,8 +214,12 @@ def load_nod_subject(root: str | Path, subject: int, sessions: Sequence[int] | N
     ), images
 
 
-class NODDataModule(NSDDataModule):
-    """NOD data for one subject, served like NSDDataModule (``split_ids`` index the stimulus list)."""
+class NODDataModule(ImageDataModule):
+    """NOD data for one subject (``split_ids`` index the subject's stimulus list, ``images``).
+
+    After ``setup()``: ``split_ids``, ``targets(split)``, ``n_repeats(split)``, ``rois``, ``ncsnr()``,
+    ``data`` (SubjectResponses), ``images`` (ImageFiles).
+    """
 
     def __init__(self, root: str, subject: int = 1, sessions: Sequence[int] | None = None,
                  split: str = "imagenet_coco", test_fraction: float = 0.15, roi_mask: Sequence[str] | None = None,
@@ -220,9 +231,11 @@ class NODDataModule(NSDDataModule):
             raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {split!r}")
         if not 0 < test_fraction < 1:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
-        super().__init__(root=root, subject=subject, sessions=sessions, roi_files=roi_files, zscore=zscore,
-                         val_fraction=val_fraction, seed=seed, batch_size=batch_size, num_workers=num_workers,
-                         shuffle_train_targets=shuffle_train_targets, name=name)
+        super().__init__(seed, batch_size, num_workers)
+        self.root, self.subject, self.sessions = Path(root), int(subject), sessions
+        self.roi_files, self.zscore, self.val_fraction = list(roi_files), zscore, val_fraction
+        self.shuffle_train_targets, self.name = shuffle_train_targets, name
+        self.data: SubjectResponses | None = None
         self.roi_mask = ([roi_mask] if isinstance(roi_mask, str) else list(roi_mask)) if roi_mask else None
         self.split, self.test_fraction, self.n_cortex = split, test_fraction, int(n_cortex)
         self.imagenet_dir, self.coco_dir, self.coco_images_csv = imagenet_dir, coco_dir, coco_images_csv
@@ -230,7 +243,7 @@ class NODDataModule(NSDDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        data, self._brick = load_nod_subject(
+        data, self.images = load_nod_subject(
             self.root, self.subject, self.sessions, self.roi_mask, self.roi_files, self.n_cortex, self.zscore,
             self.imagenet_dir, self.coco_dir, self.coco_images_csv)
         self.split_ids = self.make_splits(data)
@@ -240,8 +253,7 @@ class NODDataModule(NSDDataModule):
             rows = np.array([row[int(i)] for i in ids])
             responses = data.responses[rows]
             if self.shuffle_train_targets and split != "test":
-                responses = np.take_along_axis(responses, rng.permuted(
-                    np.broadcast_to(np.arange(len(rows))[:, None], responses.shape), axis=0), axis=0)
+                responses = permute_within_columns(responses, rng)
             self._responses[split] = np.ascontiguousarray(responses)
             self._repeats[split] = data.n_repeats[rows]
         self.data = data
@@ -263,7 +275,7 @@ class NODDataModule(NSDDataModule):
 
     def stimulus_source(self) -> dict:
         """Identity of the image files, for feature-cache keys: names in id order, sizes and mtimes."""
-        return self._brick.source()
+        return self.images.source()
 
     def describe(self) -> dict:
         """What the run records about its data: split rule, voxels, runs, options and the stimulus list."""
@@ -273,4 +285,24 @@ class NODDataModule(NSDDataModule):
                 "zscore": self.zscore, "val_fraction": self.val_fraction, "seed": self.seed,
                 "shuffle_train_targets": self.shuffle_train_targets, "n_voxels": self.n_voxels,
                 "n_dropped_voxels": d.n_dropped, "n_images": {s: int(len(i)) for s, i in self.split_ids.items()},
-                **d.info, "stimulus_names": list(self._brick.names)}
+                **d.info, "stimulus_names": list(self.images.names)}
+
+    @classmethod
+    def open_stimuli(cls, config: dict, description: dict) -> ImageFiles:
+        """The subject's stimulus list (run.json ``data.stimulus_names``, in id order) read from the image
+        folders of config.yaml's ``data`` section; DataError naming the first missing file."""
+        names = description.get("stimulus_names")
+        if not names:
+            raise DataError("the run's run.json has no data.stimulus_names (the NOD stimulus list)")
+        imagenet_dir, coco_dir = image_folders(config["root"], config.get("imagenet_dir"), config.get("coco_dir"))
+        folders = {"imagenet": imagenet_dir, "coco": coco_dir}
+        paths = []
+        for name in names:
+            kind, _, rel = str(name).partition("/")
+            if kind not in folders or not rel:
+                raise DataError(f"stimulus name {name!r}: expected 'imagenet/<file>' or 'coco/<file>'")
+            path = folders[kind] / rel
+            if not path.is_file():
+                raise DataError(f"{path}: image of stimulus {name!r} not found")
+            paths.append(path)
+        return ImageFiles(list(names), paths)

@@ -11,20 +11,19 @@ precomputed features.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from datamodules.errors import DataError
-from datamodules.nsd_files import (Labels, NSDPaths, StimulusBrick, read_expdesign, read_grid, read_labels,
-                                   read_session, session_trials)
+from datamodules.image_stimuli import ImageDataModule, permute_within_columns
+from datamodules.nsd_files import (ExpDesign, Labels, Layout, NSDPaths, StimulusBrick, read_expdesign, read_grid,
+                                   read_labels, read_session, session_trials)
 from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns, invalid_voxels,
                                        split_train_val, zscore_trials)
-from datamodules.serving import SPLITS, ResponseDataModule  # noqa: F401  (SPLITS re-exported)
+from datamodules.serving import SPLITS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +144,28 @@ def roi_masks(files: Sequence[Labels], locs: np.ndarray) -> dict[str, np.ndarray
     return masks
 
 
+def session_responses(paths: NSDPaths, design: ExpDesign, sessions: Sequence[int], locs: np.ndarray, layout: Layout,
+                      zscore: bool = True, n_trials: int | None = None
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Each session's trials at positions ``locs``, preprocessed as every NSD run's data are: yields
+    (session, stimulus ids (n_trials,) in presentation order, betas (n_trials, n) float32 z-scored per
+    voxel within the session when ``zscore`` (else NaN -> 0), invalid (n,) bool: NaN or constant before
+    z-scoring). One session in memory at a time. n_trials: every session must have this many."""
+    for session in sessions:
+        n, path, _ = session_trials(paths, session)
+        if n_trials is not None and n != n_trials:
+            raise DataError(f"{path}: {n} trials, but the first session has {n_trials}; "
+                            f"every session must have the same number of trials")
+        stims = design.trial_stimuli(paths.subject, session, n)
+        betas = read_session(paths, session, locs, layout)
+        bad = invalid_voxels(betas)
+        if zscore:
+            zscore_trials(betas, inplace=True)
+        else:
+            np.nan_to_num(betas, copy=False)
+        yield session, stims, betas, bad
+
+
 def record_invalid(paths: NSDPaths, session: int, locs: np.ndarray, session_invalid: np.ndarray, where: str,
                    invalid: InvalidVoxels) -> None:
     """Add a session's NaN/constant positions (bool (n,) over locs) to ``invalid``, each under the file it
@@ -203,7 +224,7 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
     n_trials, first, shape = session_trials(paths, chosen[0])
     design.check_session_length(n_trials, first, shape)
     stims = {}
-    for session in chosen:
+    for session in chosen:  # every session's length is checked before any betas are read
         n, path, _ = session_trials(paths, session)
         if n != n_trials:
             raise DataError(f"{path}: {n} trials, but {first.name} has {n_trials}; "
@@ -220,13 +241,9 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
         responses = np.empty((len(all_stim), len(locs)), dtype=np.float32)
-    for k, session in enumerate(chosen):
-        betas = read_session(paths, session, locs, layout)
-        record_invalid(paths, session, locs, invalid_voxels(betas), where, invalid)
-        if zscore:
-            zscore_trials(betas, inplace=True)
-        else:
-            np.nan_to_num(betas, copy=False)
+    for k, (session, _, betas, session_invalid) in enumerate(session_responses(paths, design, chosen, locs, layout,
+                                                                               zscore, n_trials)):
+        record_invalid(paths, session, locs, session_invalid, where, invalid)
         if average_repeats:
             averager.add(stims[session], betas)
         else:
@@ -292,24 +309,7 @@ def common_shared_images(root: str | Path, subject: int, test_set: str, n_trials
     return np.sort(design.sharedix[seen.min(axis=0) >= SHARED_MIN_PRESENTATIONS[test_set]])
 
 
-class StimulusDataset(Dataset):
-    """Images by 0-based id through ``transform``: item -> {"x", "id"} (+ "y" with responses (n, n_voxels))."""
-
-    def __init__(self, brick: StimulusBrick, ids: np.ndarray, transform: Callable[[np.ndarray], torch.Tensor],
-                 responses: np.ndarray | None = None):
-        self.brick, self.ids, self.responses, self.transform = brick, ids, responses, transform
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"x": self.transform(self.brick.image(self.ids[i])), "id": int(self.ids[i])}
-        if self.responses is not None:
-            item["y"] = torch.from_numpy(self.responses[i])
-        return item
-
-
-class NSDDataModule(ResponseDataModule):
+class NSDDataModule(ImageDataModule):
     """NSD-format data for one subject, in one beta space.
 
     After ``setup()``: ``split_ids[split]`` (0-based 73k ids, one per row: with single trials an id
@@ -351,18 +351,17 @@ class NSDDataModule(ResponseDataModule):
         self.data: SubjectResponses | None = None
         self._trials: dict[str, dict[str, np.ndarray]] = {}
         self._split_info: dict = {}
-        self._brick: StimulusBrick | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
         paths = NSDPaths(self.root, self.subject, self.space, self.beta_format)
-        self._brick = StimulusBrick(paths.stimuli)
+        self.images = StimulusBrick(paths.stimuli)
         data = load_subject(self.root, self.subject, self.sessions, self.roi_mask, self.roi_files, self.zscore,
                             space=self.space, beta_format=self.beta_format, rois=self.roi_selection,
                             average_repeats=self.average_repeats)
-        if data.stim_ids.max() >= len(self._brick):
-            raise DataError(f"{paths.stimuli}: imgBrick has {len(self._brick)} images (ids 0..{len(self._brick) - 1}), "
+        if data.stim_ids.max() >= len(self.images):
+            raise DataError(f"{paths.stimuli}: imgBrick has {len(self.images)} images (ids 0..{len(self.images) - 1}), "
                             f"but the design ({paths.expdesign.name}) shows stimulus id {int(data.stim_ids.max())}")
         test_ids = self._test_ids(data, paths)
         own = np.unique(data.stim_ids[~np.isin(data.stim_ids, data.shared_ids)])
@@ -382,8 +381,7 @@ class NSDDataModule(ResponseDataModule):
             start = block.stop
             responses = data.responses[block]
             if self.shuffle_train_targets and split != "test":
-                responses = np.take_along_axis(responses, rng.permuted(
-                    np.broadcast_to(np.arange(len(responses))[:, None], responses.shape), axis=0), axis=0)
+                responses = permute_within_columns(responses, rng)
             self.split_ids[split] = data.stim_ids[block]
             self._responses[split] = responses
             self._repeats[split] = data.n_repeats[block]
@@ -415,28 +413,42 @@ class NSDDataModule(ResponseDataModule):
         (0-based presentation of its image); None when repeats are averaged."""
         return self._trials.get(split)
 
-    def image_dataset(self, split: str) -> StimulusDataset:
-        """A split's images (through the encoder's transform) with their responses."""
-        return StimulusDataset(self._brick, self.split_ids[split], self._require_transform(), self._responses[split])
-
-    def _require_transform(self) -> Callable:
-        if self.transform is None:
-            raise RuntimeError("set_transform() first: the datamodule takes its transform from the encoder")
-        return self.transform
-
-    def image_loader(self, split: str) -> DataLoader:
-        """Images of a split in split_ids order (for feature extraction)."""
-        return self.images_loader(self.split_ids[split])
-
-    def images_loader(self, ids: np.ndarray) -> DataLoader:
-        """Images of any 0-based ids, in that order, without responses (for feature extraction)."""
-        return DataLoader(StimulusDataset(self._brick, np.asarray(ids), self._require_transform()),
-                          batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
     def stimulus_source(self) -> dict:
         """Identity of the image file, for feature-cache keys: path, size and modification time."""
-        stat = self._brick.path.stat()
-        return {"file": str(self._brick.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        stat = self.images.path.stat()
+        return {"file": str(self.images.path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    # -- a finished run's data, from what it recorded (no betas loaded) -----------------------------
+    @classmethod
+    def open_stimuli(cls, config: dict, description: dict) -> StimulusBrick:
+        """The run's imgBrick (images by 0-based 73k id) from config.yaml's ``data.root`` / ``data.subject``."""
+        root, subject = config.get("root", description.get("root")), config.get("subject", description.get("subject"))
+        if root is None or subject is None:
+            raise DataError("the run's data config has no root / subject to read its images from")
+        return StimulusBrick(NSDPaths(Path(root), int(subject)).stimuli)
+
+    @classmethod
+    def single_trials(cls, config: dict, description: dict, voxel_xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every trial of the run's sessions at the given voxels, preprocessed exactly as the run's data were
+        (``session_responses``: the same reader and per-session z-score): (stimulus ids (n_trials,) in
+        presentation order, session by session; values (n_trials, len(voxel_xyz)) float32).
+
+        config: config.yaml's ``data`` section; description: run.json's ``data`` (its ``sessions`` are the
+        sessions the run read); voxel_xyz: positions as recorded in voxel_metrics.npz.
+        """
+        root, subject = config.get("root", description.get("root")), config.get("subject", description.get("subject"))
+        space = config.get("space", description.get("space", "func1pt8mm"))
+        beta_format = config.get("beta_format", description.get("beta_format"))
+        paths = NSDPaths(Path(root), int(subject), space, beta_format)
+        design = read_expdesign(paths.expdesign)
+        layout = read_labels(paths, config.get("roi_mask", description.get("roi_mask", "nsdgeneral"))).layout
+        sessions = [int(s) for s in description.get("sessions") or choose_sessions(paths, config.get("sessions"))]
+        ids, values = [], []
+        for _, stims, betas, _ in session_responses(paths, design, sessions, np.asarray(voxel_xyz, np.int64), layout,
+                                                    bool(config.get("zscore", description.get("zscore", True)))):
+            ids.append(stims)
+            values.append(betas)
+        return np.concatenate(ids).astype(np.int64), np.concatenate(values)
 
     def describe(self) -> dict:
         """What the run records about its data: split ids, voxels, sessions, options."""

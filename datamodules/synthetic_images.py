@@ -368,3 +368,33 @@ def render(category: str, rng: np.random.Generator, size: int) -> tuple[np.ndarr
 def draw_image(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """Draw one ``category`` image: uint8 array (size, size, 3)."""
     return render(category, rng, size)[0]
+
+
+def write_category_folder(out_dir, categories, n_per_category: int, size: int, seed: int = 0):
+    """Draw ``n_per_category`` fresh images of each category into ``out_dir/<category>/NNNN.png`` (the layout
+    ``datamodules.image_folder.category_folder`` reads); an existing complete folder is reused. Written to a
+    temporary folder and renamed into place. The stream (seed 10_000 + seed) differs from the dataset
+    generator's, so these images are never the dataset's own. Returns ``out_dir`` as a Path."""
+    import json
+    import os
+    import pathlib
+    import shutil
+
+    out = pathlib.Path(out_dir)
+    marker = out / "complete.json"
+    spec = {"categories": list(categories), "n_per_category": int(n_per_category), "size": int(size), "seed": int(seed)}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return out
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rngs = np.random.default_rng(10_000 + int(seed)).spawn(len(categories))
+    for name, rng in zip(categories, rngs):
+        (tmp / name).mkdir(parents=True)
+        for k, r in enumerate(rng.spawn(n_per_category)):
+            Image.fromarray(draw_image(name, r, int(size))).save(tmp / name / f"{k:04d}.png")
+    (tmp / "complete.json").write_text(json.dumps(spec))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out

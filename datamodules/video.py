@@ -37,6 +37,7 @@ from datamodules.hrf import hrf_kernel
 from datamodules.preprocessing import InvalidVoxels, describe_blocks
 from datamodules.serving import ResponseDataModule
 from datamodules.video_features import FeatureReducer
+from datamodules.video_stimuli import VideoFrames
 from datamodules.video_files import VideoPaths, iter_frames, probe_video, read_cortex_series
 from datamodules.video_timing import check_timing, volume_features
 
@@ -190,6 +191,7 @@ class VideoDataModule(ResponseDataModule):
         self.paths = VideoPaths(self.root, self.subject, stimuli_dir)
         self.data: VideoResponses | None = None
         self.split_stimuli: dict[str, list[str]] = {}
+        self.frame_reducer: FeatureReducer | None = None  # fitted by prepare_features; saved with the run's head
 
     def _validate(self) -> None:
         if not self.train_stimuli or not self.test_stimuli:
@@ -270,6 +272,7 @@ class VideoDataModule(ResponseDataModule):
         frames, status = self.frame_features(backbone, extract)
         reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance)
         reducer.fit(np.concatenate([frames[s] for s in self.split_stimuli["train"]]))
+        self.frame_reducer = reducer  # train.py hands it to the encoder, which saves it with the head
         rate = self.fps / self.frame_stride
         per_tr = {s: volume_features(reducer.transform(frames[s]), rate, self.tr, self.n_volumes, self.hrf,
                                      self.timing) for s in self.stimuli}
@@ -287,6 +290,14 @@ class VideoDataModule(ResponseDataModule):
 
     def image_dataset(self, split: str):
         raise RuntimeError("prepare_features() first: video samples are TRs, served as features")
+
+    @classmethod
+    def open_stimuli(cls, config: dict, description: dict) -> VideoFrames:
+        """A finished run's images by sample id: the movie frame on screen in the middle of each volume
+        (``video_stimuli.VideoFrames``), from config.yaml's ``data`` section and run.json's ``data``."""
+        return VideoFrames(VideoPaths(Path(config["root"]), int(config["subject"]), config.get("stimuli_dir", "stimuli")),
+                           description["stimuli"], int(description["n_volumes"]), float(description["tr"]),
+                           float(description["fps"]))
 
     def describe(self) -> dict:
         """What the run records about its data: segments per split, vertices, preprocessing options."""

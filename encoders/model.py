@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from encoders.feature_transform import FeatureTransform
 from encoders.metrics import VoxelScores
 
 # The frozen backbone is in eval mode on purpose; Lightning warns about every such module.
@@ -39,7 +40,8 @@ class EncodingModel(L.LightningModule):
     only features are ever fed. head: (n, n_features) -> (n, n_voxels).
     optimizer / scheduler: factories completed with the head's parameters / the optimizer
     (defaults: AdamW(lr=1e-3, weight_decay=1e-2), no schedule). The scheduler steps per epoch.
-    Features are standardised with train-set statistics stored as buffers (``set_feature_stats``).
+    ``transform`` (encoders.feature_transform) turns backbone outputs into the head's input: the
+    standardisation with train-set statistics (``set_feature_stats``), after a video run's frame stage.
     seed: the training order and the global RNG (dropout) of epoch e are drawn from (seed, e), so a
     resumed run repeats exactly what an uninterrupted one does. voxel_batch: voxels per chunk when the
     metrics accumulate their sums (bounds the float64 temporaries at 100k+ voxels).
@@ -54,31 +56,40 @@ class EncodingModel(L.LightningModule):
         self.n_features, self.n_voxels = n_features, n_voxels
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.register_buffer("feature_mean", torch.zeros(n_features))
-        self.register_buffer("feature_std", torch.ones(n_features))
+        self.transform = FeatureTransform(n_features)
         self.seed = int(seed)
         self.val_scores = VoxelScores(n_voxels, voxel_batch=voxel_batch)
         self.test_scores = VoxelScores(n_voxels, voxel_batch=voxel_batch)
         self.test_result: dict[str, torch.Tensor] | None = None
         self._seen = {"val": 0, "test": 0}  # samples this rank has scored in the current epoch
 
+    @property
+    def feature_mean(self) -> torch.Tensor:
+        return self.transform.mean
+
+    @property
+    def feature_std(self) -> torch.Tensor:
+        return self.transform.std
+
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """mean, std: (n_features,) from the training features; std floors at 1e-6·max."""
-        std = std.clamp(min=max(float(std.max()) * 1e-6, 1e-12))
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
+        self.transform.set_standardisation(mean, std)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) images or (n, n_features) features -> (n, n_features) standardised, float32.
 
-        The backbone runs under whatever autocast is active; the standardisation never does.
+        Images go through the backbone and the whole image-side transform (``transform.from_backbone``);
+        features are the per-sample features the standardisation was fitted on. The backbone runs under
+        whatever autocast is active; the transform never does.
         """
         if x.ndim == 4:
             if self.backbone is None:
                 raise ValueError("EncodingModel got images but has no backbone")
-            x = self.backbone(x)
+            raw = self.backbone(x)
+            with autocast_off(raw.device):
+                return self.transform.from_backbone(raw)
         with autocast_off(x.device):
-            return (x.float() - self.feature_mean) / self.feature_std
+            return self.transform.standardise(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: images or features -> predicted responses (n, n_voxels), float32 (the head never autocasts)."""

@@ -1,10 +1,6 @@
-"""What every run writes next to its checkpoints: metrics, per-voxel scores, split, provenance.
+"""Provenance a run records (package versions, git commit) and the JSON writer every run file uses.
 
-metrics.json layout (users and scripts rely on it):
-  {"<split>": {"r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan",
-               "rois": {"<ROI name>": {same keys}}}, ...}
-voxel_metrics.npz: per split "<split>_r", "<split>_r2", "<split>_nc" (noise ceiling, % of variance),
-  "<split>_nc_r2", plus "voxel_xyz" (n_voxels, 3) and one bool mask "roi_<name>" per ROI.
+The run directory's layout and its readers/writers live in :mod:`encoders.run_dir`.
 """
 from __future__ import annotations
 
@@ -15,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.storage import atomic_write, write_text
+from encoders.storage import write_text
 
 PACKAGES = ("torch", "torchvision", "lightning", "timm", "open_clip_torch", "hydra-core", "numpy",
             "scipy", "scikit-learn", "h5py", "nibabel", "wandb")
@@ -60,12 +56,3 @@ def git_commit(cwd: str | Path = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
-
-
-def write_voxel_metrics(path: Path, per_split: dict[str, dict[str, np.ndarray]], voxel_xyz: np.ndarray,
-                        rois: dict[str, np.ndarray]) -> None:
-    """per_split: {split: {"r", "r2", "nc", "nc_r2"} each (n_voxels,)} -> one .npz."""
-    arrays = {f"{split}_{k}": np.asarray(v, dtype=np.float32) for split, d in per_split.items() for k, v in d.items()}
-    arrays["voxel_xyz"] = np.asarray(voxel_xyz)
-    arrays.update({f"roi_{name}": np.asarray(mask, dtype=bool) for name, mask in rois.items()})
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))

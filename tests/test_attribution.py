@@ -1,4 +1,4 @@
-"""Relevance maps, image-property correlates, agreement and caption probes (analyses.attribution)."""
+"""Relevance maps, image-property correlates, agreement and caption probes (analyses.methods.attribution)."""
 import colorsys
 from pathlib import Path
 
@@ -8,13 +8,14 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from analyses import attribution as attr
+from analyses.methods import attribution as attr
 from datamodules.synthetic_images import CATEGORIES, draw_image
 from encoders.backbones import build_backbone
 from encoders.dense import dense_features
 from encoders.distill import distill, make_views
 from encoders.heads import LinearHead
 from encoders.model import EncodingModel
+from encoders.text import TextEncoder
 from encoders.trained import TrainedEncoder
 
 
@@ -139,7 +140,7 @@ def test_caption_probe_finds_the_category_of_the_region():
                 "word": ["A photo of words"]}
     flat = [c for k in captions for c in captions[k]]
     index = np.array([i for i, k in enumerate(captions) for _ in captions[k]])
-    text = attr.text_embeddings(bb, flat)
+    text = TextEncoder.from_backbone(bb).encode(flat)  # the one text-embedding path (encoders.text)
     assert text.shape == (5, 64) and np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
     feats = np.zeros((1, 4, 4, 64), np.float32)
     feats[0, :, :2] = text[0] + 0.05 * np.random.default_rng(0).normal(size=(4, 2, 64))
@@ -154,4 +155,4 @@ def test_caption_probe_finds_the_category_of_the_region():
     assert winner.tolist() == [[0, 1]]
     assert best.shape == (1, 2, 3) and best[0, 0, 0] > best[0, 0, 1]
     with pytest.raises(ValueError, match="no text tower"):
-        attr.text_embeddings(build_backbone("tiny_vit"), flat)
+        TextEncoder.from_backbone(build_backbone("tiny_vit")).encode(flat)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analyses import attribution as attr
-from analyses.brainsail import BrainSAILOptions, analyse_run, load_captions
+from analyses.methods import attribution as attr
+from analyses.jobs.brainsail import BrainSAILOptions, analyse_run, load_captions
 from tests.conftest import REPO
 from train import train
 
@@ -24,6 +24,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_nod_analyses.py runs the BrainSAIL job
 def test_brainsail_writes_overlays_and_tables(make_cfg, synthetic_root, tmp_path):
     run_dir = tmp_path / "run"
     train(make_cfg(RUN + [f"data.root={synthetic_root}", "data.synthetic=null"]), run_dir)

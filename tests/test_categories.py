@@ -1,11 +1,11 @@
-"""analyses.categories against direct formulas, scipy and the Brain Connectivity Toolbox, with planted answers."""
+"""analyses.methods.categories against direct formulas, scipy and the Brain Connectivity Toolbox, with planted answers."""
 import bct
 import numpy as np
 import pytest
 import scipy.stats
 from sklearn.metrics import adjusted_rand_score
 
-from analyses import categories as cat
+from analyses.methods import categories as cat
 
 
 def responses_with_planted_dprime(n_per=40, seed=0):
@@ -181,25 +181,30 @@ def test_similarity_correlation_matches_scipy_and_permutation_null():
 def test_load_similarity_csv_reorders_and_names_errors(tmp_path):
     path = tmp_path / "sem.csv"
     path.write_text(",b,a,c\nb,1,0.2,0.3\na,0.2,1,0.4\nc,0.3,0.4,1\n")
-    np.testing.assert_allclose(cat.load_similarity_csv(path, ["a", "b", "c"]),
+    from analyses.jobs.wen2018 import load_similarity_csv
+
+    np.testing.assert_allclose(load_similarity_csv(path, ["a", "b", "c"]),
                                [[1, 0.2, 0.4], [0.2, 1, 0.3], [0.4, 0.3, 1]])
     with pytest.raises(ValueError, match=r"sem.csv: categories \['d'\]"):
-        cat.load_similarity_csv(path, ["a", "d"])
+        load_similarity_csv(path, ["a", "d"])
     with pytest.raises(FileNotFoundError, match="nope.csv"):
-        cat.load_similarity_csv(tmp_path / "nope.csv", ["a"])
+        load_similarity_csv(tmp_path / "nope.csv", ["a"])
 
 
 def test_clip_text_embeddings_with_a_tiny_clip():
+    """The one text-embedding path (encoders.text) with one template: CLIP's own normalised text embedding."""
     import open_clip
     import torch
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from encoders.text import TextEncoder
 
     torch.manual_seed(0)
     model = CLIP(16, CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=16, image_size=32),
                  CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
     names = ["face", "body", "place"]
-    emb = cat.clip_text_embeddings(model, tokenizer, names, "a photo of a {}.")
+    emb = TextEncoder(model, tokenizer).encode(names, ["a photo of a {}."])
     with torch.no_grad():
         ref = model.encode_text(tokenizer([f"a photo of a {n}." for n in names])).numpy()
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
@@ -258,9 +263,11 @@ def test_finer_clusters_find_planted_sub_clusters_in_each_region():
 
 
 def test_figures(tmp_path):
+    from analyses.jobs import wen2018_figures as figures
+
     W, labels = block_network()
-    p1 = cat.plot_similarity(W, [f"c{i}" for i in range(12)], labels, tmp_path / "sim.png")
-    p2 = cat.plot_roi_profile({"FFA": np.array([1.0, 0.1]), "PPA": np.array([np.nan, 2.0])}, ["face", "place"],
+    p1 = figures.plot_similarity(W, [f"c{i}" for i in range(12)], labels, tmp_path / "sim.png")
+    p2 = figures.plot_roi_profile({"FFA": np.array([1.0, 0.1]), "PPA": np.array([np.nan, 2.0])}, ["face", "place"],
                               tmp_path / "d.png")
     for p in (p1, p2):
         assert p.read_bytes()[:4] == b"\x89PNG"

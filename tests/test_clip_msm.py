@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import train
-from analyses.clip_msm import run_clip_msm
+from analyses.jobs.base import run_job
 from tests.conftest import REPO
 
 CONCEPTS = {"faces": "face", "bodies": "body", "places": "place", "words": "word", "food": "food"}
@@ -83,7 +83,7 @@ def sweep(tmp_path_factory):
 def _analyse(target: Path, *overrides: str):
     cfg = _compose("analyze", ["analysis=clip_msm", f"run_dir={target}", *overrides])
     GlobalHydra.instance().clear()
-    run_clip_msm(cfg, target)
+    run_job(cfg, target)
 
 
 def _rows(path: Path) -> list[dict]:

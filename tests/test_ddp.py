@@ -34,6 +34,7 @@ def odd_root(tmp_path_factory):
     return ensure_synthetic(tmp_path_factory.mktemp("odd") / "synthetic_nsd", **ODD)
 
 
+@pytest.mark.slow  # DDP end to end; fast: test_padding_rows_are_left_out_of_every_rank
 def test_ddp_multirun_equals_single_process(odd_root, make_cfg, tmp_path):
     out, cache = tmp_path / "outputs", tmp_path / "cache"
     data = [f"data.root={odd_root}", "data.synthetic=null", f"feature_cache_dir={cache}"]

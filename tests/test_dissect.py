@@ -9,9 +9,9 @@ import scipy.stats
 import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
-from analyses import dissect
-from analyses.dissect import LinearActivations
-from analyses.training_curve import nested_image_subsets, resolve_sizes, training_size_curve
+from analyses.methods import dissect
+from analyses.methods.dissect import LinearActivations
+from analyses.methods.training_curve import nested_image_subsets, resolve_sizes, training_size_curve
 from encoders.ridge import RidgeCV
 
 

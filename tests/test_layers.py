@@ -1,10 +1,10 @@
-"""analyses.layers: single-layer contributions and the best layer per voxel, on planted heads."""
+"""analyses.methods.layers: single-layer contributions and the best layer per voxel, on planted heads."""
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import r2_score as sk_r2
 
-from analyses import layers
+from analyses.methods import layers
 from encoders.backbones import build_backbone
 
 
@@ -78,6 +78,8 @@ def test_best_layer_ignores_nan_and_counts_per_roi():
 
 
 def test_best_layer_figure(tmp_path):
-    path = layers.plot_best_layer_per_roi({"V1": np.array([5, 1, 0]), "FFA": np.array([0, 2, 4])},
-                                          ["conv1", "conv2", "conv3"], tmp_path / "best.png")
+    from analyses.jobs.wen2018_figures import plot_best_layer_per_roi
+
+    path = plot_best_layer_per_roi({"V1": np.array([5, 1, 0]), "FFA": np.array([0, 2, 4])},
+                                   ["conv1", "conv2", "conv3"], tmp_path / "best.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""analyses.localizer: the unit localizer (planted toy network, Welch t vs scipy, false positives at the
+"""analyses.methods.localizer: the unit localizer (planted toy network, Welch t vs scipy, false positives at the
 nominal rate), split halves and the Spearman–Brown ceiling, RDM comparisons, bootstrap CIs, lesions."""
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import scipy.stats
 import torch
 from torch import nn
 
-from analyses import localizer as loc
-from analyses.categories import CategoryStats
+from analyses.methods import localizer as loc
+from analyses.methods.categories import CategoryStats
 
 CATEGORIES = np.array(["face", "body", "place", "word", "object"])
 

@@ -17,9 +17,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from analyses.localizer import image_means
-from analyses.localizer_job import LocalizerOptions, analyse, read_region_trials, read_run, region_masks, run_localizer
-from analyses.wen2018 import image_folder, read_image
+from analyses.methods.localizer import image_means
+from analyses.jobs.base import run_job
+from analyses.jobs.localizer import LocalizerOptions, analyse, read_region_trials, read_run, region_masks
+from datamodules.image_folder import category_folder, read_image
 from tests.conftest import REPO
 
 RUN = ["experiment=demo", "logger=none", "trainer.enable_progress_bar=false", "head=ridge"]
@@ -68,7 +69,7 @@ def analyze_cfg(overrides):
 def test_localizer_on_two_synthetic_subjects(sweep, tmp_path):
     cfg = analyze_cfg(["analysis=localizer", f"sweep_dir={sweep}", f"paths.data_dir={tmp_path}",
                        "analysis.n_boot=60", "analysis.lesion_n_random=2"])
-    run_localizer(cfg, sweep)
+    run_job(cfg, sweep)
     out = sweep / "localizer"
     for name in ("unit_counts.csv", "unit_counts.png", "units.npz", "overlap.csv", "comparison.csv", "ceiling.csv",
                  "comparison.png", "lesions.csv", "lesions.png", "localizer.json"):
@@ -81,7 +82,7 @@ def test_localizer_on_two_synthetic_subjects(sweep, tmp_path):
     main = [r for r in counts if r["localizer"] == "main" and r["variant"] == "run"]
     assert [r["layer"] for r in main if r["category"] == "word"] == ["conv1", "conv2", "conv3", "embed"]
     assert {r["variant"] for r in counts} == {"run", "random"}
-    files, labels, names = image_folder(tmp_path / "localizer" / "synthetic_n40_px64_seed0")
+    files, labels, names = category_folder(tmp_path / "localizer" / "synthetic_n40_px64_seed0")
     from encoders.backbones import build_backbone
     torch.manual_seed(0)
     bb = build_backbone("tiny", layers=["conv3", "embed"])
@@ -154,6 +155,7 @@ def test_tmap_regions_and_bad_tmap(sweep, tmp_path):
         LocalizerOptions.from_config({"name": "localizer", "t_treshold": 3})
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_localizer_on_two_synthetic_subjects
 def test_cli_single_run(sweep, tmp_path):
     run_dir = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())[0]
     proc = subprocess.run(

@@ -17,8 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from scipy import stats
 
-from analyses.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
-from analyses.report import ALL_VOXELS, build_report, common_voxels, learning_curve, paired_test
+from analyses.jobs.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
+from analyses.jobs.report import ALL_VOXELS, build_report
+from analyses.methods.stats import paired_test
+from analyses.methods.voxels import common_voxels
+from encoders.run_dir import RunDir
 from tests.conftest import REPO
 from train import train
 
@@ -113,8 +116,8 @@ def test_report_compares_every_run_and_lists_failed_jobs(report, sweep):
 
 def test_roi_means_and_errors_match_metrics_json_and_scipy(report):
     for run in report.runs:
-        nc_r2 = run.voxel_values("test", "nc_r2")
-        masks = run.roi_masks()
+        nc_r2 = run.voxels().values("test", "nc_r2")
+        masks = run.rois()
         for roi, (mean, se, n) in report.roi_stats[run.name].items():
             if roi == ALL_VOXELS:
                 x, expected = nc_r2, run.metrics["test"]["nc_r2_mean"]
@@ -141,8 +144,8 @@ def test_paired_tests_between_backbones_match_a_direct_computation(report):
     pairs = {(t["a"].name, t["b"].name) for t in report.tests}
     assert pairs == {("0_tiny_linear", "2_tiny_vit_linear"), ("1_tiny_ridge", "3_tiny_vit_ridge")}
     for t in report.tests:
-        a, b = t["a"].voxel_values("test", "nc_r2"), t["b"].voxel_values("test", "nc_r2")
-        masks = t["a"].roi_masks()
+        a, b = t["a"].voxels().values("test", "nc_r2"), t["b"].voxels().values("test", "nc_r2")
+        masks = t["a"].rois()
         assert [r["roi"] for r in t["rows"]] == [ALL_VOXELS] + [n for n in report.rois if n in masks]
         for row in t["rows"]:
             sel = np.ones(len(a), bool) if row["roi"] == ALL_VOXELS else masks[row["roi"]]
@@ -188,14 +191,14 @@ def test_common_voxels_matches_by_coordinates():
 
 def test_learning_curves_come_from_the_lightning_csv_log(sweep):
     import csv
-    curve = learning_curve(sweep / "0_tiny_linear")
+    curve = RunDir(sweep / "0_tiny_linear").learning_curve()
     assert list(curve["epoch"]) == list(range(EPOCHS))
     with open(sweep / "0_tiny_linear" / "csv" / "metrics.csv") as f:
         val_r = [float(r["val/r_mean"]) for r in csv.DictReader(f) if r["val/r_mean"]]
     np.testing.assert_allclose(curve["val/r_mean"], val_r)
     assert np.isfinite(curve["train/loss"]).all() and np.isfinite(curve["val/loss"]).all()
-    assert len(learning_curve(sweep / "1_tiny_ridge")["epoch"]) == 1  # closed form: one validation, no epochs
-    assert learning_curve(sweep / "4_tiny_mlp") is None
+    assert len(RunDir(sweep / "1_tiny_ridge").learning_curve()["epoch"]) == 1  # closed form: one validation, no epochs
+    assert RunDir(sweep / "4_tiny_mlp").learning_curve() is None
 
 
 @pytest.fixture(scope="session")
@@ -319,6 +322,7 @@ def test_wandb_offline_runs_carry_grouping_tags_summary_and_figures(report, swee
     assert wandb_mode() == "offline"
 
 
+@pytest.mark.slow  # the CLI end to end; fast: build_report and the W&B dashboard above
 def test_cli_report_and_its_errors(sweep, tmp_path):
     out = tmp_path / "cli_report"
     proc = subprocess.run([sys.executable, "analyze.py", "analysis=report", f"sweep_dir={sweep}",

@@ -8,16 +8,19 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+from omegaconf import OmegaConf, open_dict
 
 from tests.conftest import REPO
-from train import train
+from train import ConfigError, resume_checkpoint, train
 
 SETTINGS = ["experiment=demo", "logger=csv", "trainer.max_epochs=6", "trainer.enable_progress_bar=false",
             "callbacks.early_stopping.patience=100", "data.batch_size=64", "optimizer.lr=3e-4"]
 KILL = ["+callbacks.kill._target_=tests.kill_callback.SigkillAtEpoch", "+callbacks.kill.epoch=3"]
 
 
+@pytest.mark.slow  # a killed run resumed end to end; fast: test_resume_checkpoint_only_for_the_same_config
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(synthetic_root, make_cfg, tmp_path):
     data = [f"data.root={synthetic_root}", "data.synthetic=null", f"feature_cache_dir={tmp_path / 'cache'}"]
     run = tmp_path / "run"
@@ -58,3 +61,23 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(synthetic_root, make_
                       for d in (run, tmp_path / "ref"))
     assert (last["head.linear.weight"] - ckpt["state_dict"]["head.linear.weight"]).abs().max() > 1e-4
     torch.testing.assert_close(last["head.linear.weight"], ref_last["head.linear.weight"], rtol=0, atol=1e-6)
+
+
+def test_resume_checkpoint_only_for_the_same_config(make_cfg, tmp_path):
+    """The resume decision alone (no training): the last checkpoint of an earlier attempt with the same
+    config (logger/resume/analyze aside) is resumed; another config is refused naming the keys; resume=false
+    starts afresh."""
+    run = tmp_path / "run"
+    cfg = make_cfg(SETTINGS, run_dir=run)
+    assert resume_checkpoint(cfg, run) is None  # nothing to resume
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert resume_checkpoint(cfg, run) == str(run / "checkpoints" / "last.ckpt")
+    with open_dict(cfg):
+        cfg.logger = {}  # may differ between attempts
+    assert resume_checkpoint(cfg, run) == str(run / "checkpoints" / "last.ckpt")
+    other = make_cfg([*SETTINGS, "optimizer.lr=1e-2"], run_dir=run)
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        resume_checkpoint(other, run)
+    assert resume_checkpoint(make_cfg([*SETTINGS, "resume=false"], run_dir=run), run) is None

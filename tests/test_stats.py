@@ -1,10 +1,10 @@
-"""analyses.stats against independent computations (scipy, scikit-learn, explicit loops) and planted cases."""
+"""analyses.methods.stats against independent computations (scipy, scikit-learn, explicit loops) and planted cases."""
 import numpy as np
 import pytest
 import scipy.stats
 from sklearn.metrics import r2_score as sk_r2
 
-from analyses import stats
+from analyses.methods import stats
 
 
 def planted(n=120, n_signal=6, n_noise=6, seed=0):

@@ -15,7 +15,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from analyze import run_summary
+from analyses.jobs.base import run_job
 from datamodules.synthetic import ensure_synthetic
 from tests.conftest import REPO, SMALL_SYNTHETIC
 
@@ -24,6 +24,7 @@ SWEEP_DATA = {**SMALL_SYNTHETIC, "n_subjects": 1, "n_shared": 40, "n_unique": 80
 FAST = ["experiment=demo", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
 
 
+@pytest.mark.slow  # a joblib sweep end to end; fast: test_optuna_search_returns_the_validation_metric, test_train.py::test_guarded_*
 def test_joblib_sweep_completes_around_a_failing_job(tmp_path, capsys):
     root = ensure_synthetic(tmp_path / "data", **SWEEP_DATA)
     extra = tmp_path / "conf" / "backbone"
@@ -57,7 +58,7 @@ def test_joblib_sweep_completes_around_a_failing_job(tmp_path, capsys):
     assert "backbone=broken" in record["overrides"] and "Traceback" in record["traceback"]
 
     capsys.readouterr()
-    run_summary(OmegaConf.create({"analysis": {"split": "test", "rois": ["FFA-1"]}}), sweep)
+    run_job(OmegaConf.create({"analysis": {"name": "summary", "split": "test", "rois": ["FFA-1"]}}), sweep)
     out = capsys.readouterr().out
     assert "2 failed job(s)" in out and "WeightsError" in out and "broken_tiny.pt" in out
     assert all(name in out for name in ("tiny_vit", "alexnet", "ridge"))

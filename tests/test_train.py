@@ -82,6 +82,7 @@ def test_train_writes_the_run_directory(make_cfg, synthetic_root, tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["backbone"] == "tiny" and info["versions"]["torch"].startswith("2.14")
     assert info["git_commit"] and info["data"]["n_images"]["test"] == len(test_ids)
+    assert info["time_series"] is False  # recorded from the datamodule, read back by RunDir.is_time_series
     assert (run / "config.yaml").exists() and (run / "head.pt").exists()
     assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
@@ -153,3 +154,32 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and "no_nsd" in lines[0] and "file not found" in lines[0]
+
+
+def test_guarded_records_a_failed_multirun_job_and_is_one_line_otherwise(tmp_path, capsys):
+    """train.py's one failure wrapper: in a multirun a failing job leaves failed.json (its error line, type,
+    overrides, traceback) and the sweep goes on; in a single run a user error is one line, exit 2."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from datamodules.errors import DataError
+    from encoders.run_dir import find_failed
+    from train import guarded
+
+    def fail():
+        raise DataError("/nowhere/betas.hdf5: file not found\nmore detail")
+
+    sweep = SimpleNamespace(mode=RunMode.MULTIRUN, overrides=SimpleNamespace(task=["data.subject=3"]))
+    assert guarded(fail, sweep, tmp_path / "0_job") is None
+    [record] = find_failed(tmp_path)
+    assert record["type"] == "DataError" and record["error"] == "/nowhere/betas.hdf5: file not found"
+    assert record["overrides"] == ["data.subject=3"] and "Traceback" in record["traceback"]
+    assert guarded(lambda: {"test": {}}, sweep, tmp_path / "1_job") == {"test": {}}
+    single = SimpleNamespace(mode=RunMode.RUN, overrides=SimpleNamespace(task=[]))
+    with pytest.raises(SystemExit) as exit_info:
+        guarded(fail, single, tmp_path / "run")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[0] == "error: /nowhere/betas.hdf5: file not found"
+    with pytest.raises(ZeroDivisionError):  # not a user error: the traceback, not a one-liner
+        guarded(lambda: 1 / 0, single, tmp_path / "run")

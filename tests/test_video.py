@@ -476,6 +476,7 @@ def run_train_cli(*args):
                           timeout=300, env=env)
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_frame_signals_are_recovered_through_the_movies, test_bad_input_*
 def test_cli_data_video_end_to_end_then_bad_input(video_root, tmp_path):
     """python train.py data=video data.root=... backbone=tiny on files in the real formats; then a truncated
     CIFTI: exit 2, one line, and the first run's files untouched."""

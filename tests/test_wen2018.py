@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from analyses import categories as cat
-from analyses import stats
-from analyses.wen2018 import Wen2018Options, analyse_run, image_folder, sweep_best_layer, synthetic_image_folder
+from analyses.methods import categories as cat
+from analyses.methods import stats
+from analyses.jobs.wen2018 import Wen2018Options, analyse_run, sweep_best_layer
+from datamodules.image_folder import category_folder
+from datamodules.synthetic_images import write_category_folder
+from encoders.run_dir import RunDir
 from encoders.trained import load_trained
 from tests.conftest import REPO
 
@@ -64,6 +68,22 @@ def test_load_trained_reproduces_the_run(trained_run):
     brick = StimulusBrick(NSDPaths(__import__("pathlib").Path(info["data"]["root"]), 1).stimuli)
     ids = preds["test_ids"][:16]
     np.testing.assert_allclose(enc.predict_images([brick.image(i) for i in ids]), preds["test_pred"][:16], atol=1e-4)
+    # the run's own images through RunDir.stimuli(): the same pixels
+    np.testing.assert_array_equal(RunDir(trained_run).stimuli().image(int(ids[0])), brick.image(int(ids[0])))
+    assert enc.predicts_images and enc.takes_backbone_features and not enc.has_frame_stage
+
+
+def test_a_head_pt_without_the_saved_transform_still_loads(trained_run, tmp_path):
+    """Runs written before head.pt held the whole transform: the standardisation alone, same predictions."""
+    copy = Path(shutil.copytree(trained_run, tmp_path / "old"))
+    state = torch.load(copy / "head.pt", weights_only=False)
+    del state["feature_transform"]
+    torch.save(state, copy / "head.pt")
+    preds = np.load(copy / "predictions.npz")
+    old, new = load_trained(copy), load_trained(trained_run)
+    raw = new.cached_features(preds["test_ids"])
+    np.testing.assert_array_equal(old.head_inputs(raw), new.head_inputs(raw))
+    np.testing.assert_allclose(old.predict_features(raw), preds["test_pred"], atol=1e-5)
 
 
 def test_load_trained_refuses_a_different_backbone_and_names_missing_files(trained_run, tmp_path):
@@ -93,6 +113,7 @@ def roi_group_dprime(run_dir, dprime):
     return out
 
 
+@pytest.mark.slow  # the CLI end to end; fast: test_wandb_entry_offline runs every analysis through the job
 def test_cli_wen2018_finds_the_planted_category_rois(trained_run, tmp_path):
     semantic = tmp_path / "semantic.csv"
     names = ["body", "face", "food", "object", "place", "word"]
@@ -198,16 +219,16 @@ def test_sweep_form_of_the_best_layer(tmp_path):
 
 
 def test_image_folders(tmp_path):
-    folder = synthetic_image_folder(tmp_path / "imgs", ["face", "word"], n_per_category=3, size=32, seed=1)
-    files, labels, names = image_folder(folder)
+    folder = write_category_folder(tmp_path / "imgs", ["face", "word"], n_per_category=3, size=32, seed=1)
+    files, labels, names = category_folder(folder)
     assert names == ["face", "word"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
     stamp = files[0].stat().st_mtime_ns
-    assert synthetic_image_folder(tmp_path / "imgs", ["face", "word"], 3, 32, seed=1) == folder
+    assert write_category_folder(tmp_path / "imgs", ["face", "word"], 3, 32, seed=1) == folder
     assert files[0].stat().st_mtime_ns == stamp  # reused, not redrawn
     (tmp_path / "bad" / "face").mkdir(parents=True)
     shutil.copy(files[0], tmp_path / "bad" / "face" / "a.png")
     with pytest.raises(ValueError, match="bad: needs >= 2 category sub-folders"):
-        image_folder(tmp_path / "bad")
+        category_folder(tmp_path / "bad")
 
 
 def test_the_config_file_maps_onto_the_options():
@@ -240,7 +261,7 @@ def test_semantic_similarity_from_the_runs_clip_text_tower(tmp_path):
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    from analyses.wen2018 import semantic_matrix
+    from analyses.jobs.wen2018 import semantic_matrix
     from encoders.backbones import get_spec
 
     torch.manual_seed(0)
@@ -249,6 +270,8 @@ def test_semantic_similarity_from_the_runs_clip_text_tower(tmp_path):
     enc = SimpleNamespace(backbone=SimpleNamespace(model=model, spec=get_spec("clip_vitb32")))
     names = ["face", "body", "place", "word"]
     matrix, source = semantic_matrix(enc, names, Wen2018Options(semantic="clip", clip_template="{}"))
-    emb = cat.clip_text_embeddings(model, open_clip.get_tokenizer("ViT-B-32-quickgelu"), names, "{}")
-    np.testing.assert_allclose(matrix, cat.cosine_similarity(emb), atol=1e-6)
+    with torch.no_grad():
+        emb = model.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(names)).numpy()
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(matrix, emb @ emb.T, atol=1e-6)
     assert "clip_vitb32" in source

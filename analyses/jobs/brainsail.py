@@ -4,12 +4,12 @@
     python analyze.py analysis=brainsail run_dir=<clip run> 'analysis.compare_runs=[<dinov2 run>,<siglip run>]'
 
 The run must have been trained on the backbone's image embedding alone (``backbone.layers=[embed]``; BrainSAIL
-also sets ``backbone.normalize=true``) with a ViT backbone. Images: the run's ``split`` images from its
-NSD-layout stimulus file (run.json ``data.root``), or every image of ``image_dir``. Per image batch: dense
+also sets ``backbone.normalize=true``) with a ViT backbone. Images: the run's ``split`` images, opened by the
+run's own datamodule (``RunDir.stimuli()``), or every image of ``image_dir``. Per image batch: dense
 features (``encoders.dense``: MaskCLIP / NACLIP last block, ``method=auto`` = NACLIP for CLIP ViTs, MaskCLIP
 otherwise) are distilled over ``n_views`` shifted / flipped views (``encoders.distill``), unit-normalised per
 patch when the run normalised its embeddings, and the run's head is applied to every patch
-(``analyses.attribution``). Written to ``<run_dir>/<out_subdir>/``:
+(``analyses.methods.attribution``). Written to ``<run_dir>/<out_subdir>/``:
 
 * ``overlays/<column>.png``: the ``top_k`` images with the highest predicted response of the column (ROI
   mean, or ``voxel<i>``), each with its relevance map overlaid (map upsampled to the image, min-max scaled).
@@ -23,10 +23,13 @@ patch when the run normalised its embeddings, and the run's head is applied to e
   per-image Pearson r between their maps (upsampled to the image), SE, n; the maps side by side.
 * ``maps.npz`` (ids, columns, maps per encoder at patch resolution, predicted responses, per-image
   correlations) and ``brainsail.json`` (options, every table, notes).
+
+The job's phases: ``prepare`` (every input loaded and checked), ``map_images`` (the streamed maps and
+their per-image correlates), ``summarise`` (the tables) compute; ``write_outputs`` writes. The plain
+functions are in ``analyses.methods.attribution``, the figures in ``analyses.jobs.brainsail_figures``.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -37,26 +40,28 @@ import torch
 import yaml
 from rich.console import Console
 
-from analyses import attribution as attr
-from analyses.outputs import pyplot, write_csv
-from analyses.summary import require_runs
+from analyses.jobs import brainsail_figures as figures
+from analyses.jobs.base import Job, JobOptions
+from analyses.jobs.outputs import write_csv
+from analyses.methods import attribution as attr
+from datamodules.errors import DataError
+from datamodules.image_folder import image_files, read_image
 from encoders.distill import FILLS, distill, make_views
+from encoders.run_dir import SPLIT, RunDir
 from encoders.run_record import write_json
 
 log = logging.getLogger(__name__)
 
-CAPTIONS_DIR = Path(__file__).resolve().parents[1] / "conf" / "captions"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# conf/analysis/brainsail.yaml (group, key) -> BrainSAILOptions field
-CONFIG_KEYS = {("dense", "method"): "method", ("dense", "sigma"): "sigma", ("dense", "image_size"): "image_size",
-               ("distill", "n_views"): "n_views", ("distill", "max_shift"): "max_shift",
-               ("distill", "flip"): "flip", ("distill", "fill"): "fill", ("distill", "seed"): "seed",
-               ("distill", "view_batch"): "view_batch", ("properties", "depth"): "depth"}
+CAPTIONS_DIR = Path(__file__).resolve().parents[2] / "conf" / "captions"
 
 
 @dataclass
-class BrainSAILOptions:
-    """Every knob (conf/analysis/brainsail.yaml documents each)."""
+class BrainSAILOptions(JobOptions):
+    """Every knob (conf/analysis/brainsail.yaml documents each; its groups dense, distill and properties
+    are flattened)."""
+
+    JOB = "brainsail"
+    GROUPS = ("dense", "distill", "properties")
 
     split: str = "test"
     max_images: int | None = None
@@ -79,25 +84,6 @@ class BrainSAILOptions:
     compare_runs: list[str] = field(default_factory=list)
     device: str = "cpu"
     out_subdir: str = "brainsail"
-
-    @classmethod
-    def from_config(cls, analysis: dict) -> "BrainSAILOptions":
-        """conf/analysis/brainsail.yaml as a dict (nested groups flattened by CONFIG_KEYS)."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for key, value in analysis.items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    if (key, sub) not in CONFIG_KEYS:
-                        raise ValueError(f"analysis.{key}.{sub}: unknown option")
-                    kwargs[CONFIG_KEYS[(key, sub)]] = v
-            elif key in known:
-                kwargs[key] = value
-            elif key != "name":
-                raise ValueError(f"analysis.{key}: unknown option")
-        opts = cls(**kwargs)
-        opts.check()
-        return opts
 
     def check(self) -> None:
         if self.method not in ("auto", "maskclip", "naclip"):
@@ -146,39 +132,23 @@ class ImageSource:
         return img[..., :3].astype(np.uint8)
 
 
-def image_source(run_dir: Path, info: dict, opts: BrainSAILOptions) -> ImageSource:
-    """``image_dir`` files (sorted), else the run's ``split`` ids read from its NSD-layout stimulus file."""
+def image_source(run: RunDir, opts: BrainSAILOptions) -> ImageSource:
+    """``image_dir`` files (sorted), else the run's ``split`` ids, read by the run's own datamodule."""
     if opts.image_dir:
-        from PIL import Image
-
         folder = Path(opts.image_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: image_dir not found")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = image_files(folder)
         files = files[:opts.max_images] if opts.max_images else files
-        return ImageSource([p.name for p in files], lambda name: np.asarray(Image.open(folder / name).convert("RGB")))
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: not found (or give analysis.image_dir=<folder of images>)")
-    split = json.loads(split_file.read_text())
-    if opts.split not in split:
-        raise ValueError(f"{split_file}: no split '{opts.split}'")
-    ids = np.asarray(split[opts.split], dtype=np.int64) - int(split.get("id_base", 0))
+        return ImageSource([p.name for p in files], lambda name: read_image(folder / name))
+    run.require(SPLIT, "or give analysis.image_dir=<folder of images>")
+    ids = run.split_ids(opts.split)
     ids = ids[:opts.max_images] if opts.max_images else ids
-    data = info.get("data", {})
-    if data.get("root") is None or data.get("subject") is None:
-        raise ValueError(f"{run_dir / 'run.json'}: no data.root / data.subject to read images from "
-                         f"(give analysis.image_dir=<folder of images>)")
-    from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, StimulusBrick
-
     try:
-        brick = StimulusBrick(NSDPaths(Path(data["root"]), int(data["subject"])).stimuli)
-    except DataError as err:
-        raise ValueError(f"{err} (or give analysis.image_dir=<folder of images>)") from None
-    return ImageSource(ids.tolist(), brick.image)
+        stimuli = run.stimuli()
+    except (DataError, KeyError) as err:
+        raise ValueError(f"{run.path}: its images cannot be read ({err}); give analysis.image_dir=<folder of images>") from None
+    return ImageSource(ids.tolist(), stimuli.image)
 
 
 def display_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -253,33 +223,18 @@ class EncoderMaps:
         return distill(self.dense, x, views, self.dense.patch_size, opts.view_batch, opts.fill, self.normalize)
 
 
-def read_rois(run_dir: Path, rois: Sequence[str] | None) -> dict[str, np.ndarray]:
-    path = run_dir / "voxel_metrics.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (is {run_dir} a run directory?)")
-    with np.load(path) as f:
-        masks = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    if rois:
-        unknown = [r for r in rois if r not in masks]
-        if unknown:
-            raise ValueError(f"{path}: no ROI {unknown} (has {sorted(masks)})")
-        masks = {r: masks[r] for r in rois}
-    return masks
-
-
-def build_encoder(run_dir: Path, opts: BrainSAILOptions, columns: Sequence[str] | None = None) -> EncoderMaps:
+def build_encoder(run: RunDir, opts: BrainSAILOptions, columns: Sequence[str] | None = None) -> EncoderMaps:
     """Load a run, check it maps (embedding run, ViT), and set up its dense features and readout.
 
     columns: the primary run's column names (compared runs keep those they also have, in that order).
     """
     from encoders.dense import dense_features
-    from encoders.trained import load_trained
 
-    enc = load_trained(run_dir, device=opts.device)
+    enc = run.encoder(device=opts.device)
     attr.check_embedding_run(enc)
     dense = dense_features(enc.backbone, None if opts.method == "auto" else opts.method, opts.sigma,
                            opts.image_size)
-    masks = read_rois(run_dir, opts.rois if columns is None else None)
+    masks = run.rois(opts.rois if columns is None else None)
     if columns is None:
         names, A = attr.roi_columns(masks, opts.voxels)
     else:
@@ -289,60 +244,91 @@ def build_encoder(run_dir: Path, opts: BrainSAILOptions, columns: Sequence[str] 
         names_order = [c for c in columns if c in names]
         A = A[:, [names.index(c) for c in names_order]]
         names = names_order
-    label = f"{enc.backbone.spec.name}:{run_dir.name}"
-    return EncoderMaps(label, run_dir, enc, dense, attr.Readout(enc, A), names, bool(enc.backbone.normalize))
+    label = f"{enc.backbone.spec.name}:{run.path.name}"
+    return EncoderMaps(label, run.path, enc, dense, attr.Readout(enc, A), names, bool(enc.backbone.normalize))
 
 
 # ----------------------------------------------------------------------------- the analysis
 
 
-def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, console: Console | None = None) -> dict:
-    """Every BrainSAIL output of one run (see the module doc); returns {"out_dir", "files", "summary"}."""
-    opts = opts or BrainSAILOptions()
-    opts.check()
-    console = console or Console(width=120)
-    run_dir = Path(run_dir)
+@dataclass
+class Setup:
+    """Phase 1: the encoders (the run's first, then the compared runs'), the images, the views, the captions."""
+
+    run: RunDir
+    encoders: list[EncoderMaps]
+    source: ImageSource
+    views: list
+    size: int
+    notes: list[str]
+    categories: list[str] | None = None     # caption categories (None: no caption probes)
+    cap_index: np.ndarray | None = None     # (C,) category of each caption
+    text: np.ndarray | None = None          # (C, e) caption embeddings
+
+    @property
+    def primary(self) -> EncoderMaps:
+        return self.encoders[0]
+
+
+def prepare(run: RunDir, opts: BrainSAILOptions) -> Setup:
+    """Load and check every input (encoders, images, depth file, captions) before any image is mapped."""
     notes: list[str] = []
-    primary = build_encoder(run_dir, opts)
+    primary = build_encoder(run, opts)
     encoders = [primary]
     for other in opts.compare_runs:
-        enc = build_encoder(Path(other), opts, primary.columns)
+        enc = build_encoder(RunDir(other), opts, primary.columns)
         if enc.label in {e.label for e in encoders}:
             enc.label = f"{enc.label}#{len(encoders) + 1}"
         missing = [c for c in primary.columns if c not in enc.columns]
         if missing:
             notes.append(f"{other}: no columns {missing}; they are not compared")
         encoders.append(enc)
-    source = image_source(run_dir, primary.encoder.info, opts)
+    source = image_source(run, opts)
     if len(source) < 1:
-        raise ValueError(f"{run_dir}: no images to analyse")
+        raise ValueError(f"{run.path}: no images to analyse")
     if opts.depth:
         check_depth_file(opts.depth, source.ids)
-    size = primary.dense.image_size
-    views = make_views(opts.n_views, opts.max_shift, opts.seed, opts.flip)
-
-    captions = categories = text = cap_index = None
+    setup = Setup(run, encoders, source, make_views(opts.n_views, opts.max_shift, opts.seed, opts.flip),
+                  primary.dense.image_size, notes)
     if opts.captions:
+        from encoders.text import TextEncoder
+
         captions = load_captions(opts.captions)
         categories = list(captions)
         flat = [c for k in categories for c in captions[k]]
-        cap_index = np.array([i for i, k in enumerate(categories) for _ in captions[k]])
         try:
-            text = attr.text_embeddings(primary.encoder.backbone, flat)
+            setup.text = TextEncoder.from_backbone(primary.encoder.backbone).encode(flat)
+            setup.categories = categories
+            setup.cap_index = np.array([i for i, k in enumerate(categories) for _ in captions[k]])
         except ValueError as err:
             notes.append(f"caption probes skipped: {err}")
-            captions = None
+    return setup
 
-    R = len(primary.columns)
-    predicted, props, cap_r, agree = [], {"luminance": [], "saturation": []}, [], {}
+
+@dataclass
+class Maps:
+    """Phase 2: per image and column, the primary run's prediction and map correlates (every encoder's maps
+    are in its EncoderMaps)."""
+
+    predicted: np.ndarray                   # (n, R)
+    props: dict[str, np.ndarray]            # property -> (n, R) per-image r of the map with it
+    caption_r: np.ndarray | None            # (n, R, C)
+    agree: dict[tuple[int, int], np.ndarray]  # (a, b) -> (n, R)
+
+
+def map_images(setup: Setup, opts: BrainSAILOptions, console: Console) -> Maps:
+    """Stream the images ``batch_size`` at a time: distilled dense features, every encoder's relevance maps,
+    the primary run's predictions, the map correlates (luminance, saturation, depth, captions) and the
+    agreement between encoders."""
+    encoders, source, size, primary = setup.encoders, setup.source, setup.size, setup.primary
+    predicted, props, cap_r = [], {"luminance": [], "saturation": []}, []
     if opts.depth:
         props["depth"] = []
     for e in encoders:
         e.allocate(len(source))
     pairs = [(a, b) for a in range(len(encoders)) for b in range(a + 1, len(encoders))]
-    for a, b in pairs:
-        agree[(a, b)] = []
-    console.print(f"BrainSAIL: {len(source)} images x {len(views)} views, {R} columns, "
+    agree = {pair: [] for pair in pairs}
+    console.print(f"BrainSAIL: {len(source)} images x {len(setup.views)} views, {len(primary.columns)} columns, "
                   f"{primary.dense.method} dense features at {size} px ({primary.dense.grid}x{primary.dense.grid} patches)")
     for start in range(0, len(source), opts.batch_size):
         idx = range(start, min(start + opts.batch_size, len(source)))
@@ -350,7 +336,7 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
         disp = display_images(images, size)
         feats = None
         for e in encoders:
-            f = e.distilled(images, views, opts)
+            f = e.distilled(images, setup.views, opts)
             e.store(slice(idx.start, idx.stop), attr.relevance_maps(f, e.readout))
             if e is primary:
                 feats = f
@@ -360,43 +346,37 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
         props["saturation"].append(attr.pixel_correlation(up, attr.saturation(disp)))
         if opts.depth:
             props["depth"].append(attr.pixel_correlation(up, depth_maps(opts.depth, [source.ids[k] for k in idx], size)))
-        if captions is not None:
-            cap_r.append(attr.map_correlation(primary.maps[primary.latest], attr.caption_maps(feats, text)))
+        if setup.categories is not None:
+            cap_r.append(attr.map_correlation(primary.maps[primary.latest], attr.caption_maps(feats, setup.text)))
         for a, b in pairs:
             agree[(a, b)].append(_agreement(encoders[a], encoders[b], primary.columns, size))
         console.print(f"  {idx.stop}/{len(source)} images")
+    return Maps(np.concatenate(predicted), {k: np.concatenate(v) for k, v in props.items()},
+                np.concatenate(cap_r) if setup.categories is not None else None,
+                {k: np.concatenate(v) for k, v in agree.items()})
 
-    maps = {e.label: e.maps for e in encoders}
-    predicted = np.concatenate(predicted)
-    props = {k: np.concatenate(v) for k, v in props.items()}
-    agree = {k: np.concatenate(v) for k, v in agree.items()}
-    k_top = min(opts.top_k, len(source))
-    top = np.argsort(-predicted, axis=0, kind="stable")[:k_top].T  # (R, k)
 
-    out = run_dir / opts.out_subdir
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    summary: dict = {"run_dir": str(run_dir), "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
-                     "n_images": len(source), "views": [vars(v) for v in views], "dense": {
+def summarise(setup: Setup, maps: Maps, opts: BrainSAILOptions) -> dict:
+    """Phase 3: the tables (properties, captions, agreement, per-column rows), the top images per column
+    and brainsail.json's content."""
+    encoders, primary, source = setup.encoders, setup.primary, setup.source
+    columns, categories = primary.columns, setup.categories
+    top = np.argsort(-maps.predicted, axis=0, kind="stable")[:min(opts.top_k, len(source))].T  # (R, k)
+    summary: dict = {"run_dir": str(setup.run.path), "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
+                     "n_images": len(source), "views": [vars(v) for v in setup.views], "dense": {
                          e.label: {"method": e.dense.method, "sigma": e.dense.sigma, "image_size": e.dense.image_size,
                                    "grid": e.dense.grid, "unit_norm_patches": e.normalize} for e in encoders},
-                     "columns": primary.columns, "notes": notes}
+                     "columns": columns, "notes": setup.notes}
+    prop_stats = {k: attr.summarize(v) for k, v in maps.props.items()}
+    prop_rows = [[col, name, st[j]["mean"], st[j]["se"], st[j]["t"], st[j]["p"], st[j]["n"]]
+                 for j, col in enumerate(columns) for name, st in prop_stats.items()]
+    summary["properties"] = {name: {col: st[j] for j, col in enumerate(columns)} for name, st in prop_stats.items()}
 
-    prop_rows = []
-    prop_stats = {k: attr.summarize(v) for k, v in props.items()}
-    for j, col in enumerate(primary.columns):
-        for name, st in prop_stats.items():
-            prop_rows.append([col, name, st[j]["mean"], st[j]["se"], st[j]["t"], st[j]["p"], st[j]["n"]])
-    files.append(write_csv(out / "properties.csv", ["column", "property", "r_mean", "r_se", "t", "p", "n_images"],
-                            prop_rows))
-    summary["properties"] = {name: {col: st[j] for j, col in enumerate(primary.columns)} for name, st in prop_stats.items()}
-
-    top_category = {}
-    if captions is not None:
-        cap_r = np.concatenate(cap_r)
-        winner, best = attr.assign_categories(cap_r, cap_index, len(categories))
+    top_category, cap_rows = {}, None
+    if categories is not None:
+        winner, best = attr.assign_categories(maps.caption_r, setup.cap_index, len(categories))
         cap_rows = []
-        for j, col in enumerate(primary.columns):
+        for j, col in enumerate(columns):
             counts_top = np.bincount(winner[top[j], j][winner[top[j], j] >= 0], minlength=len(categories))
             valid = winner[:, j] >= 0
             for k, cat_name in enumerate(categories):
@@ -406,68 +386,122 @@ def analyse_run(run_dir: str | Path, opts: BrainSAILOptions | None = None, conso
             mean_top = np.array([np.nanmean(best[top[j], j, k]) if np.isfinite(best[top[j], j, k]).any() else -np.inf
                                  for k in range(len(categories))])
             top_category[col] = categories[int(np.lexsort((-mean_top, -counts_top))[0])] if counts_top.sum() else ""
-        files.append(write_csv(out / "captions.csv",
-                                ["column", "category", "n_top_images", "frac_all_images", "mean_best_r"], cap_rows))
         summary["captions"] = {"source": str(opts.captions), "categories": categories, "top_category": top_category,
                                "backbone": primary.encoder.backbone.spec.name}
 
     agree_rows, agree_stats = [], {}
-    for (a, b), r in agree.items():
+    for (a, b), r in maps.agree.items():
         st = attr.summarize(r)
-        for j, col in enumerate(primary.columns):
+        for j, col in enumerate(columns):
             agree_rows.append([col, encoders[a].label, encoders[b].label, st[j]["mean"], st[j]["se"], st[j]["n"]])
             agree_stats.setdefault(col, []).append(st[j]["mean"])
     if agree_rows:
-        files.append(write_csv(out / "agreement.csv", ["column", "encoder_a", "encoder_b", "r_mean", "r_se", "n_images"],
-                                agree_rows))
         summary["agreement"] = {col: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
                                 for col, v in agree_stats.items()}
 
-    masks_n = {c: int((primary.readout.columns[:, j] > 0).sum()) for j, c in enumerate(primary.columns)}
-    header = ["column", "n_voxels", "top_ids", *[f"r_{k}" for k in props]]
-    header += ["caption_category"] if captions is not None else []
+    masks_n = {c: int((primary.readout.columns[:, j] > 0).sum()) for j, c in enumerate(columns)}
+    header = ["column", "n_voxels", "top_ids", *[f"r_{k}" for k in maps.props]]
+    header += ["caption_category"] if categories is not None else []
     header += ["agreement_r"] if agree_rows else []
     rows = []
-    for j, col in enumerate(primary.columns):
+    for j, col in enumerate(columns):
         row = [col, masks_n[col], " ".join(str(source.ids[i]) for i in top[j]),
-               *[prop_stats[k][j]["mean"] for k in props]]
-        row += [top_category.get(col, "")] if captions is not None else []
+               *[prop_stats[k][j]["mean"] for k in maps.props]]
+        row += [top_category.get(col, "")] if categories is not None else []
         row += [summary["agreement"][col]] if agree_rows else []
         rows.append(row)
-    files.append(write_csv(out / "rois.csv", header, rows))
     summary["rois"] = [dict(zip(header, row)) for row in rows]
-
     top_images = {i: source.image(i) for i in np.unique(top)}
+    displays = [display_images([top_images[i] for i in top[j]], setup.size) for j in range(len(columns))]
+    return {"top": top, "displays": displays, "prop_rows": prop_rows, "cap_rows": cap_rows, "agree_rows": agree_rows,
+            "header": header, "rows": rows, "summary": summary}
+
+
+@dataclass
+class BrainSAILResult:
+    setup: Setup
+    maps: Maps
+    tables: dict
+
+    @property
+    def summary(self) -> dict:
+        return self.tables["summary"]
+
+
+def write_outputs(result: BrainSAILResult, out: Path) -> list[Path]:
+    """Phase 4: properties.csv, captions.csv, agreement.csv, rois.csv, overlays/, compare/, maps.npz,
+    brainsail.json into ``out``."""
+    setup, maps, t = result.setup, result.maps, result.tables
+    encoders, primary, source, top = setup.encoders, setup.primary, setup.source, t["top"]
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    files = [write_csv(out / "properties.csv", ["column", "property", "r_mean", "r_se", "t", "p", "n_images"],
+                       t["prop_rows"])]
+    if t["cap_rows"] is not None:
+        files.append(write_csv(out / "captions.csv",
+                               ["column", "category", "n_top_images", "frac_all_images", "mean_best_r"], t["cap_rows"]))
+    if t["agree_rows"]:
+        files.append(write_csv(out / "agreement.csv", ["column", "encoder_a", "encoder_b", "r_mean", "r_se", "n_images"],
+                               t["agree_rows"]))
+    files.append(write_csv(out / "rois.csv", t["header"], t["rows"]))
     for j, col in enumerate(primary.columns):
-        disp = display_images([top_images[i] for i in top[j]], size)
-        files.append(plot_overlays(disp, maps[primary.label][top[j], j], [source.ids[i] for i in top[j]],
-                                   predicted[top[j], j], out / "overlays" / f"{_slug(col)}.png",
-                                   f"{col} — {primary.label} ({primary.dense.method}, {len(views)} views)"))
+        files.append(figures.plot_overlays(t["displays"][j], primary.maps[top[j], j], [source.ids[i] for i in top[j]],
+                                           maps.predicted[top[j], j], out / "overlays" / f"{_slug(col)}.png",
+                                           f"{col} — {primary.label} ({primary.dense.method}, {len(setup.views)} views)"))
         if len(encoders) > 1:
             (out / "compare").mkdir(exist_ok=True)
-            rows_maps = {e.label: (maps[e.label][top[j], e.columns.index(col)] if col in e.columns else None)
-                         for e in encoders}
-            files.append(plot_comparison(disp, rows_maps, [source.ids[i] for i in top[j]],
-                                         out / "compare" / f"{_slug(col)}.png",
-                                         f"{col}: agreement r = {summary['agreement'][col]:.2f}"))
-
+            rows_maps = {e.label: (e.maps[top[j], e.columns.index(col)] if col in e.columns else None) for e in encoders}
+            files.append(figures.plot_comparison(t["displays"][j], rows_maps, [source.ids[i] for i in top[j]],
+                                                 out / "compare" / f"{_slug(col)}.png",
+                                                 f"{col}: agreement r = {t['summary']['agreement'][col]:.2f}"))
     arrays = {"ids": np.asarray([str(i) for i in source.ids]), "columns": np.asarray(primary.columns),
-              "predicted": predicted.astype(np.float32), "top": top,
-              **{f"maps_{i}": maps[e.label] for i, e in enumerate(encoders)},
+              "predicted": maps.predicted.astype(np.float32), "top": top,
+              **{f"maps_{i}": e.maps for i, e in enumerate(encoders)},
               "encoders": np.asarray([e.label for e in encoders]),
-              **{f"r_{k}": v.astype(np.float32) for k, v in props.items()}}
-    if captions is not None:
-        arrays.update(caption_r=cap_r.astype(np.float32), caption_category=cap_index,
-                      categories=np.asarray(categories))
-    for (a, b), r in agree.items():
+              **{f"r_{k}": v.astype(np.float32) for k, v in maps.props.items()}}
+    if setup.categories is not None:
+        arrays.update(caption_r=maps.caption_r.astype(np.float32), caption_category=setup.cap_index,
+                      categories=np.asarray(setup.categories))
+    for (a, b), r in maps.agree.items():
         arrays[f"agreement_{a}_{b}"] = r.astype(np.float32)
     np.savez_compressed(out / "maps.npz", **arrays)
     files.append(out / "maps.npz")
-    write_json(out / "brainsail.json", summary)
+    write_json(out / "brainsail.json", t["summary"])
     files.append(out / "brainsail.json")
-    for note in notes:
-        console.print(f"note: {note}")
-    return {"out_dir": out, "files": files, "summary": summary}
+    return files
+
+
+class BrainSAILJob(Job):
+    """BrainSAIL of every embedding run (in a sweep, runs it cannot map are skipped with a line)."""
+
+    name = "brainsail"
+    Options = BrainSAILOptions
+    skip_unfit = True
+
+    def compute(self, run: RunDir) -> BrainSAILResult:
+        setup = prepare(run, self.options)
+        maps = map_images(setup, self.options, self.console)
+        return BrainSAILResult(setup, maps, summarise(setup, maps, self.options))
+
+    def write(self, run: RunDir, result: BrainSAILResult) -> list[Path]:
+        return write_outputs(result, self.out_dir(run))
+
+    def show(self, run: RunDir, result: BrainSAILResult) -> None:
+        for note in result.setup.notes:
+            self.console.print(f"note: {note}")
+
+    def nothing_done(self, target: Path) -> str:
+        return f"{target}: no run could be analysed (BrainSAIL needs ViT runs on backbone.layers=[embed])"
+
+
+def analyse_run(run_dir: str | Path | RunDir, opts: BrainSAILOptions | None = None,
+                console: Console | None = None) -> dict:
+    """Every BrainSAIL output of one run (see the module doc); returns {"out_dir", "files", "summary"}."""
+    opts = opts or BrainSAILOptions()
+    opts.check()
+    job = BrainSAILJob(opts, console or Console(width=120))
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    result, files = job.process(run)
+    return {"out_dir": job.out_dir(run), "files": files, "summary": result.summary}
 
 
 def _agreement(a: EncoderMaps, b: EncoderMaps, columns: Sequence[str], size: int) -> np.ndarray:
@@ -483,88 +517,6 @@ def _agreement(a: EncoderMaps, b: EncoderMaps, columns: Sequence[str], size: int
     r = attr.pearson_rows(ma.reshape(n, len(common), -1).astype(np.float64), mb.reshape(n, len(common), -1).astype(np.float64))
     out[:, [list(columns).index(c) for c in common]] = r
     return out
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _scaled(m: np.ndarray, size: int) -> np.ndarray:
-    up = attr.upsample(m[None, None], size)[0, 0]
-    lo, hi = up.min(), up.max()
-    return (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-
-
-def plot_overlays(images: np.ndarray, maps: np.ndarray, ids: Sequence, predicted: np.ndarray, path: Path,
-                  title: str) -> Path:
-    """Top row the images (n, S, S, 3), bottom row each with its map (n, h, w) overlaid (jet, min-max)."""
-    plt = pyplot()
-    n, size = len(images), images.shape[1]
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
-    for k in range(n):
-        axes[0, k].imshow(images[k])
-        axes[0, k].set_title(f"id {ids[k]}\npred {predicted[k]:.2f}", fontsize=7)
-        axes[1, k].imshow(images[k])
-        axes[1, k].imshow(_scaled(maps[k], size), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        for ax in axes[:, k]:
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_comparison(images: np.ndarray, maps: dict[str, np.ndarray | None], ids: Sequence, path: Path,
-                    title: str) -> Path:
-    """The images (top row) and each encoder's maps overlaid (one row per encoder)."""
-    plt = pyplot()
-    n, size = len(images), images.shape[1]
-    fig, axes = plt.subplots(1 + len(maps), n, figsize=(2.2 * n, 2.2 * (1 + len(maps))), squeeze=False)
-    for k in range(n):
-        axes[0, k].imshow(images[k])
-        axes[0, k].set_title(f"id {ids[k]}", fontsize=7)
-        for row, (label, m) in enumerate(maps.items(), start=1):
-            axes[row, k].imshow(images[k])
-            if m is not None:
-                axes[row, k].imshow(_scaled(m[k], size), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            if k == 0:
-                axes[row, k].set_title(label, fontsize=6, loc="left")
-        for ax in axes[:, k]:
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------- entry
-
-
-def run_brainsail(cfg, target: Path) -> None:
-    """analyze.py entry: ``run_dir`` (or every embedding run under ``sweep_dir``)."""
-    from omegaconf import OmegaConf
-
-    opts = BrainSAILOptions.from_config(OmegaConf.to_container(cfg.analysis, resolve=True))
-    console = Console(width=120)
-    if cfg.get("sweep_dir"):
-        run_dirs = require_runs(target)
-    else:
-        run_dirs = [target]
-    done = 0
-    for d in run_dirs:
-        console.rule(str(d))
-        try:
-            res = analyse_run(d, opts, console)
-        except ValueError as err:
-            if len(run_dirs) == 1:
-                raise
-            console.print(f"skipped: {err}")
-            continue
-        done += 1
-        console.print(f"wrote {len(res['files'])} files to {res['out_dir']}")
-    if not done:
-        raise ValueError(f"{target}: no run could be analysed (BrainSAIL needs ViT runs on backbone.layers=[embed])")
 
 
 # ----------------------------------------------------------------------------- output helpers

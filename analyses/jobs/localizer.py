@@ -4,7 +4,10 @@ category-selective regions (Dipani & Murty 2026), over one run or a sweep (e.g. 
     python analyze.py analysis=localizer run_dir=outputs/runs/<run>
     python analyze.py analysis=localizer sweep_dir=outputs/multirun/<date>   # subjects 1 and 2: + human–human ceiling
 
-Library use (no Hydra): ``analyse(run_dirs, out_dir, LocalizerOptions(...))``.
+Library use (no Hydra): ``analyse(run_dirs, out_dir, LocalizerOptions(...))``. The job computes over every
+run at once, in phases: ``prepare`` (runs, regions, localizer sets: every input checked), ``localize_runs``
+(units), ``compare_with_brains`` (trials, ceiling, model vs brain, lesions); then ``write_results`` writes.
+The plain functions are in ``analyses.methods.localizer``, the figures in ``analyses.jobs.localizer_figures``.
 
 What it does, into ``<run_dir or sweep_dir>/<out_subdir>/``:
 
@@ -20,7 +23,7 @@ What it does, into ``<run_dir or sweep_dir>/<out_subdir>/``:
   localized too; Jaccard overlap of its selected units with the main set's. -> overlap.csv
 * brain regions: per category, the union of the run's ROIs in ``regions`` (voxel_metrics roi_* masks,
   NSD floc-* names) or a user t-map over the run's voxels (``tmaps``, t > ``tmap_threshold``). Single
-  trials at those voxels are read from the run's NSD-layout betas (z-scored per session like the run),
+  trials at those voxels are re-read by the run's own datamodule (z-scored per session like the run),
   and every test image's trials split alternately into two halves.
 * comparison on the images common to every subject's test set (with >= ``min_trials`` trials): tuning =
   Pearson r between the selected units' mean response profile and the region's mean response profile;
@@ -40,19 +43,22 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from analyses import localizer as loc
-from analyses.outputs import pyplot, write_csv
-from analyses.categories import CategoryStats
-from analyses.summary import require_runs
-from analyses.wen2018 import image_folder, read_image, synthetic_image_folder
+from analyses.jobs import localizer_figures as figures
+from analyses.jobs.base import Job, JobOptions
+from analyses.jobs.console import fmt, print_notes
+from analyses.jobs.outputs import write_csv
+from analyses.methods import localizer as loc
+from analyses.methods.categories import CategoryStats
+from datamodules.image_folder import category_folder, read_image
+from encoders.run_dir import RunDir
 from encoders.run_record import write_json
 
 
@@ -60,8 +66,10 @@ DEFAULT_REGIONS = {"face": ["FFA-1", "FFA-2"], "body": ["EBA"], "place": ["PPA"]
 
 
 @dataclass
-class LocalizerOptions:
+class LocalizerOptions(JobOptions):
     """Every knob of the analysis (conf/analysis/localizer.yaml documents each)."""
+
+    JOB = "localizer"
 
     localizer_dir: str | None = None
     alt_localizer_dirs: list[str] = field(default_factory=list)
@@ -93,22 +101,14 @@ class LocalizerOptions:
     data_dir: str = "data"
     out_subdir: str = "localizer"
 
-    @classmethod
-    def from_config(cls, analysis: dict, data_dir: str | None = None) -> "LocalizerOptions":
-        flat = {k: v for k, v in analysis.items() if k != "name"}
-        if data_dir is not None:
-            flat.setdefault("data_dir", data_dir)
-        unknown = sorted(set(flat) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"analysis: unknown localizer option(s) {unknown}")
-        opts = cls(**flat)
+    def check(self) -> None:
+        opts = self
         if opts.rdm_similarity not in ("pearson", "spearman"):
             raise ValueError(f"analysis.rdm_similarity must be pearson or spearman, got {opts.rdm_similarity!r}")
         if opts.min_trials < 2:
             raise ValueError(f"analysis.min_trials must be >= 2 (split halves), got {opts.min_trials}")
         if opts.top_percent is not None and not 0 < float(opts.top_percent) <= 100:
             raise ValueError(f"analysis.top_percent must lie in (0, 100], got {opts.top_percent}")
-        return opts
 
 
 # ----------------------------------------------------------------------------- localizer image sets
@@ -130,7 +130,7 @@ class LocalizerSet:
 
 def read_localizer_set(folder: str | Path, domains: dict[str, str], name: str) -> LocalizerSet:
     """A folder of category sub-folders; sub-folder names mapped through ``domains`` (unmapped: kept)."""
-    files, labels, names = image_folder(folder)
+    files, labels, names = category_folder(folder)
     mapped = [domains.get(n, n) for n in names]
     categories = list(dict.fromkeys(mapped))
     codes = np.array([categories.index(m) for m in mapped], dtype=np.int64)[labels]
@@ -144,20 +144,13 @@ def localizer_sets(opts: LocalizerOptions, runs: list["Run"]) -> list[LocalizerS
     if opts.localizer_dir:
         dirs = [opts.localizer_dir, *opts.alt_localizer_dirs]
         return [read_localizer_set(d, opts.domains, f"localizer{i}" if i else "main") for i, d in enumerate(dirs)]
-    meta = next((Path(r.data["root"]) / "synthetic.json" for r in runs
-                 if r.data.get("root") and (Path(r.data["root"]) / "synthetic.json").is_file()), None)
-    if meta is None:
-        raise ValueError("analysis.localizer_dir: give a localizer image folder (one sub-folder of images per "
-                         "category, e.g. fLoc's); only runs on the synthetic dataset have a drawn default")
-    from datamodules.synthetic_images import CATEGORIES
-
-    params = json.loads(meta.read_text())
-    names = [c for c in params.get("categories", CATEGORIES) if c in CATEGORIES]
-    size = int(params.get("image_size", 425))
     out = []
     for i, seed in enumerate(opts.synthetic_seeds):
-        folder = Path(opts.data_dir) / "localizer" / f"synthetic_n{opts.synthetic_n_per_category}_px{size}_seed{seed}"
-        synthetic_image_folder(folder, names, opts.synthetic_n_per_category, size, seed)
+        folder = next((f for r in runs if (f := r.run.category_images(Path(opts.data_dir) / "localizer",
+                                                                     opts.synthetic_n_per_category, seed))), None)
+        if folder is None:
+            raise ValueError("analysis.localizer_dir: give a localizer image folder (one sub-folder of images per "
+                             "category, e.g. fLoc's); only runs on the synthetic dataset have a drawn default")
         out.append(read_localizer_set(folder, opts.domains, f"synthetic_seed{seed}" if i else "main"))
     if not out:
         raise ValueError("analysis.synthetic_seeds is empty: no localizer set")
@@ -171,15 +164,34 @@ def localizer_sets(opts: LocalizerOptions, runs: list["Run"]) -> list[LocalizerS
 class Run:
     """What the analysis reads from a run directory."""
 
-    dir: Path
-    config: dict
-    info: dict
-    split: dict
-    voxel_xyz: np.ndarray
-    rois: dict[str, np.ndarray]
+    run: RunDir
     test_ids: np.ndarray
     test_true: np.ndarray
     localizer_key: str = ""     # which localized backbone its units come from (set by analyse)
+
+    @property
+    def dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def config(self) -> dict:
+        return self.run.config
+
+    @property
+    def info(self) -> dict:
+        return self.run.info
+
+    @property
+    def split(self) -> dict:
+        return self.run.split
+
+    @property
+    def voxel_xyz(self) -> np.ndarray:
+        return self.run.voxel_xyz
+
+    @cached_property
+    def rois(self) -> dict[str, np.ndarray]:
+        return self.run.rois()
 
     @property
     def data(self) -> dict:
@@ -194,68 +206,33 @@ class Run:
         return f"{self.info.get('backbone', '?')} sub{self.data.get('subject', '?')} ({self.dir.name})"
 
 
-def read_run(run_dir: Path) -> Run:
-    """config.yaml, run.json, split.json, voxel_metrics.npz and predictions.npz of a run; errors name the file."""
+def read_run(run_dir: RunDir | Path) -> Run:
+    """A run's config, run.json, split, voxels and test predictions; errors name the missing file."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     for name in ("config.yaml", "run.json", "split.json", "voxel_metrics.npz", "predictions.npz"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: not found (is {run_dir} a run directory?)")
-    with np.load(run_dir / "voxel_metrics.npz") as f:
-        if "voxel_xyz" not in f.files:
-            raise ValueError(f"{run_dir / 'voxel_metrics.npz'}: no 'voxel_xyz'")
-        xyz = f["voxel_xyz"]
-        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    with np.load(run_dir / "predictions.npz") as f:
-        missing = [k for k in ("test_ids", "test_true") if k not in f.files]
-        if missing:
-            raise ValueError(f"{run_dir / 'predictions.npz'}: no {missing}")
-        ids, true = f["test_ids"], f["test_true"]
-    return Run(run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()) or {},
-               json.loads((run_dir / "run.json").read_text()), json.loads((run_dir / "split.json").read_text()),
-               xyz, rois, ids.astype(np.int64), true)
+        run.require(name)
+    run.voxel_xyz  # noqa: B018  (a file without voxel_xyz fails here)
+    preds = run.predictions("test")
+    return Run(run, preds.ids.astype(np.int64), preds.true)
 
 
-def is_nsd_layout(run: Run) -> bool:
-    """The run's data is NSD-layout (nsd / synthetic): betas that can be read trial by trial at any voxels."""
-    data = run.data
-    if not {"root", "subject", "space", "sessions"} <= data.keys():
-        return False
-    from datamodules.nsd_files import NSDPaths
-
-    try:
-        return NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format")).expdesign.is_file()
-    except ValueError:
-        return False
+def has_trials(run: Run) -> bool:
+    """The run's datamodule can re-read its single trials at any of its voxels (NSD layout: nsd, synthetic),
+    and its data are still there."""
+    root = run.data.get("root")
+    return run.run.has_single_trials and root is not None and Path(root).is_dir()
 
 
 def read_region_trials(run: Run, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every trial of the run's sessions at the run's voxels ``columns`` (indices into its voxels), z-scored
-    per session as the run's data were: (trial ids (n_trials,) in presentation order, values (n_trials, n)).
-
-    Reads one session at a time at those voxels only (``datamodules.nsd_files.read_session``).
-    """
+    """Every trial of the run's sessions at the run's voxels ``columns`` (indices into its voxels), read and
+    z-scored per session by the run's own datamodule exactly as the run's data were: (trial ids (n_trials,)
+    in presentation order, values (n_trials, n))."""
     from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, read_expdesign, read_labels, read_session, session_trials
-    from datamodules.preprocessing import zscore_trials
 
-    data = run.data
     try:
-        paths = NSDPaths(Path(data["root"]), int(data["subject"]), data["space"], data.get("beta_format"))
-        design = read_expdesign(paths.expdesign)
-        layout = read_labels(paths, data.get("roi_mask", "nsdgeneral")).layout
-        locs = run.voxel_xyz[np.asarray(columns)].astype(np.int64)
-        ids, values = [], []
-        for session in data["sessions"]:
-            n_trials, _, _ = session_trials(paths, int(session))
-            betas = read_session(paths, int(session), locs, layout)
-            if data.get("zscore", True):
-                zscore_trials(betas, inplace=True)
-            else:
-                np.nan_to_num(betas, copy=False)
-            ids.append(design.trial_stimuli(paths.subject, int(session), n_trials))
-            values.append(betas)
+        return run.run.single_trials(columns)
     except DataError as err:
         raise ValueError(f"{run.dir}: reading its betas: {err}") from err
-    return np.concatenate(ids).astype(np.int64), np.concatenate(values)
 
 
 def region_masks(run: Run, opts: LocalizerOptions, notes: list[str]) -> dict[str, np.ndarray]:
@@ -361,7 +338,7 @@ def localize(backbone, sets: list[LocalizerSet], opts: LocalizerOptions) -> dict
 
 def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """Activations of ``layers`` (localizer pooling) for stimulus ids: the run's feature cache where the
-    layer and pooling are the run's own, else computed from the NSD stimulus file."""
+    layer and pooling are the run's own, else computed from the run's images (opened by its datamodule)."""
     out = {}
     same_units = backbone.pooling == enc.backbone.pooling and backbone.normalize == enc.backbone.normalize
     cached_layers = [name for name in layers if same_units and name in enc.layers]
@@ -371,13 +348,10 @@ def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray
             out = {name: raw[:, enc.feature_slices[name]] for name in cached_layers}
     todo = [name for name in layers if name not in out]
     if todo:
-        from datamodules.nsd_files import NSDPaths, StimulusBrick
-
-        brick = StimulusBrick(NSDPaths(Path(run.data["root"]), int(run.data["subject"]), run.data["space"],
-                                       run.data.get("beta_format")).stimuli)
+        stimuli = run.run.stimuli()
         feats = defaultdict(list)
         for start in range(0, len(ids), 256):
-            chunk = images_features(backbone, [brick.image(int(i)) for i in ids[start:start + 256]], batch_size)
+            chunk = images_features(backbone, [stimuli.image(int(i)) for i in ids[start:start + 256]], batch_size)
             for name in todo:
                 feats[name].append(chunk[name])
         out.update({name: np.concatenate(feats[name]) for name in todo})
@@ -387,42 +361,68 @@ def run_features(run: Run, enc, backbone, layers: Sequence[str], ids: np.ndarray
 # ----------------------------------------------------------------------------- the analysis
 
 
-def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | None = None,
-            console: Console | None = None) -> dict:
-    """Every part of the analysis over these runs; writes ``out_dir`` and returns the tables as records."""
-    from encoders.backbones import FrozenBackbone
-    from encoders.trained import load_trained, rebuild_backbone
+@dataclass
+class Study:
+    """Phase 1: the runs, which of them have single trials to compare with, their brain regions, the
+    localizer sets, and the notes gathered on the way."""
 
-    opts = opts or LocalizerOptions()
-    console = console or Console(quiet=True)
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs: list[Run]
+    brain_runs: list[Run]
+    regions: dict[Path, dict[str, np.ndarray]]
+    sets: list[LocalizerSet]
+    notes: list[str]
+
+    @property
+    def main(self) -> LocalizerSet:
+        return self.sets[0]
+
+
+def prepare(run_dirs: Sequence[Path | RunDir], opts: LocalizerOptions) -> Study:
+    """Read and check every input (runs, regions, t-maps, localizer sets) before any network runs."""
+    runs = [read_run(d) for d in run_dirs]
     if not runs:
-        raise FileNotFoundError(f"{out_dir.parent}: no run directories")
+        raise FileNotFoundError("no run directories")
     notes: list[str] = []
-    brain_runs = [r for r in runs if is_nsd_layout(r)]
+    brain_runs = [r for r in runs if has_trials(r)]
     for r in runs:
         if r not in brain_runs:
             notes.append(f"{r.dir.name}: data '{r.data.get('dataset')}' is not NSD-layout: units only, no brain comparison")
     regions = {r.dir: region_masks(r, opts, notes) for r in brain_runs}  # bad t-maps fail here, before any work
-    sets = localizer_sets(opts, runs)
-    main = sets[0]
-    pooling_note = opts.pooling or "the run's"
+    return Study(runs, brain_runs, regions, localizer_sets(opts, runs), notes)
 
-    # --- units: localize per distinct backbone (run weights, and random init of the same architecture)
-    encoders, masks, tmaps_units, count_rows, overlap_rows = {}, {}, {}, [], []
-    localized: dict[str, dict] = {}
-    for run in runs:
-        enc = load_trained(run.dir, device=opts.device)
+
+@dataclass
+class Units:
+    """Phase 2: per distinct backbone, its localized units (t-maps, selected masks) and the tables."""
+
+    encoders: dict[Path, object] = field(default_factory=dict)        # run dir -> TrainedEncoder
+    localized: dict[str, dict] = field(default_factory=dict)          # backbone key -> what was localized
+    masks: dict[tuple, np.ndarray] = field(default_factory=dict)      # (key, weights, set, layer, category) -> mask
+    tmaps: dict[str, np.ndarray] = field(default_factory=dict)        # units.npz
+    count_rows: list[dict] = field(default_factory=list)
+    overlap_rows: list[dict] = field(default_factory=list)
+
+
+def localize_runs(study: Study, opts: LocalizerOptions, console: Console) -> Units:
+    """Localize the units of every distinct backbone of the runs (the run's weights, and the same architecture
+    at random init), select the category-selective ones and count them; Jaccard overlaps between sets."""
+    from encoders.backbones import FrozenBackbone
+    from encoders.trained import rebuild_backbone
+
+    units, sets, main, notes = Units(), study.sets, study.main, study.notes
+    masks = units.masks
+    for run in study.runs:
+        enc = run.run.encoder(device=opts.device)
         if not enc.takes_backbone_features:
             raise ValueError(f"{run.dir}: its head reads datamodule-transformed features (e.g. video PCA + HRF), "
                              f"not a backbone layer's units")
-        encoders[run.dir] = enc
+        units.encoders[run.dir] = enc
         bb_cfg = run.config.get("backbone", {})
         random_init = not bb_cfg.get("pretrained") and not bb_cfg.get("weights_path")
         key = json.dumps({"backbone": bb_cfg, "seed": run.config.get("seed") if random_init else None}, sort_keys=True,
                          default=str)
         run.localizer_key = key
-        if key in localized:
+        if key in units.localized:
             continue
         compare = opts.compare_layers or enc.layers
         layers = backbone_layers(enc.backbone.spec, opts.layers, enc.layers, compare)
@@ -447,132 +447,219 @@ def analyse(run_dirs: Sequence[Path], out_dir: Path, opts: LocalizerOptions | No
         if missing:
             notes.append(f"regions {missing} have no category in the localizer (categories: {main.categories}); "
                          f"map its folder names with analysis.domains")
-        localized[key] = {"backbone": variants[run_label], "weights": run_label, "layers": layers, "t": result,
-                          "compare": list(compare), "name": enc.backbone.spec.name}
+        units.localized[key] = {"backbone": variants[run_label], "weights": run_label, "layers": layers, "t": result,
+                                "compare": list(compare), "name": enc.backbone.spec.name}
         for label, per_set in result.items():
             for set_name, per_layer in per_set.items():
                 for layer, per_cat in per_layer.items():
                     for category, t in per_cat.items():
                         m = loc.select_units(t, opts.t_threshold, opts.top_percent)
                         masks[(key, label, set_name, layer, category)] = m
-                        tmaps_units[f"{enc.backbone.spec.name}__{label}__{set_name}__{layer}__{category}"] = t
-                        count_rows.append({"backbone": enc.backbone.spec.name, "weights": label,
-                                           "variant": "run" if label == run_label else "random", "localizer": set_name,
-                                           "layer": layer, "category": category, "n_units": int(t.size),
-                                           "n_selective": int(m.sum()), "percent": 100.0 * m.mean(),
-                                           "max_t": float(np.nanmax(t)) if np.isfinite(t).any() else float("nan")})
+                        units.tmaps[f"{enc.backbone.spec.name}__{label}__{set_name}__{layer}__{category}"] = t
+                        units.count_rows.append({
+                            "backbone": enc.backbone.spec.name, "weights": label,
+                            "variant": "run" if label == run_label else "random", "localizer": set_name,
+                            "layer": layer, "category": category, "n_units": int(t.size),
+                            "n_selective": int(m.sum()), "percent": 100.0 * m.mean(),
+                            "max_t": float(np.nanmax(t)) if np.isfinite(t).any() else float("nan")})
             for other in sets[1:]:
                 for layer in per_set_layers(result[label]):
                     for category in main.categories:
                         if category in other.categories:
                             a = masks[(key, label, main.name, layer, category)]
                             b = masks[(key, label, other.name, layer, category)]
-                            overlap_rows.append({"backbone": enc.backbone.spec.name, "weights": label,
-                                                 "localizer_a": main.name, "localizer_b": other.name, "layer": layer,
-                                                 "category": category, "n_a": int(a.sum()), "n_b": int(b.sum()),
-                                                 "n_both": int((a & b).sum()), "jaccard": loc.jaccard(a, b)})
+                            units.overlap_rows.append({
+                                "backbone": enc.backbone.spec.name, "weights": label, "localizer_a": main.name,
+                                "localizer_b": other.name, "layer": layer, "category": category, "n_a": int(a.sum()),
+                                "n_b": int(b.sum()), "n_both": int((a & b).sum()), "jaccard": loc.jaccard(a, b)})
+    return units
 
-    # --- brain: per data root, the subjects' regions and trials
+
+def subject_brains(group: list[Run], regions: dict[Path, dict], console: Console) -> dict[tuple, SubjectBrain]:
+    """Each subject's single trials at its region voxels (one run per subject reads them)."""
+    subjects: dict = {}
+    for r in group:
+        if r.subject_key in subjects or not regions[r.dir]:
+            continue
+        columns = np.flatnonzero(np.any(np.stack(list(regions[r.dir].values())), axis=0))
+        console.print(f"reading subject {r.data['subject']}'s trials at {columns.size} region voxels")
+        ids, values = read_region_trials(r, columns)
+        subjects[r.subject_key] = SubjectBrain(r, regions[r.dir], columns, ids, values)
+    return subjects
+
+
+def common_images(subjects: dict[tuple, SubjectBrain], root: str, opts: LocalizerOptions) -> np.ndarray:
+    """The test images every subject saw at least ``min_trials`` times (>= 10 of them, else ValueError)."""
+    common = None
+    for brain in subjects.values():
+        test_ids = np.unique(brain.run.test_ids)
+        counts = np.array([np.sum(brain.trial_ids == i) for i in test_ids])
+        kept = test_ids[counts >= opts.min_trials]
+        common = kept if common is None else np.intersect1d(common, kept)
+    if common.size < 10:
+        raise ValueError(f"{root}: only {common.size} test images with >= {opts.min_trials} trials are common to "
+                         f"the subjects {[k[1] for k in subjects]}; need >= 10")
+    return common
+
+
+def human_ceiling(brain_views: dict[tuple, dict], n_images: int, opts: LocalizerOptions) -> list[dict]:
+    """The same tuning and geometry measures between every two subjects' regions, noise-corrected by both."""
+    rows = []
+    for (ka, va), (kb, vb) in itertools.combinations(brain_views.items(), 2):
+        for category in va:
+            if category not in vb:
+                continue
+            for measure in ("tuning", "rdm"):
+                res = loc.consistency(similarity_fn(measure, opts), va[category][measure], vb[category][measure],
+                                      va[category][f"{measure}_halves"], vb[category][f"{measure}_halves"],
+                                      n_boot=opts.n_boot, seed=opts.seed, level=opts.ci, n_images=n_images)
+                rows.append({"subject_a": ka[1], "subject_b": kb[1], "category": category,
+                             "n_voxels_a": int(va[category]["n_voxels"]), "n_voxels_b": int(vb[category]["n_voxels"]),
+                             "measure": measure, **flatten_result(res)})
+    return rows
+
+
+def model_vs_brain(r: Run, enc, unit_info: dict, views: dict, masks: dict, sets: list[LocalizerSet],
+                   common: np.ndarray, opts: LocalizerOptions) -> list[dict]:
+    """The selected units' tuning and geometry vs the region's, per compared layer, localizer set and category."""
+    rows = []
+    feats = run_features(r, enc, unit_info["backbone"], unit_info["compare"], common, opts.batch_size)
+    for layer in unit_info["compare"]:
+        acts = feats[layer].astype(np.float64)
+        for lset in sets:
+            for category, view in views.items():
+                m = masks.get((r.localizer_key, unit_info["weights"], lset.name, layer, category))
+                if m is None:
+                    continue
+                base = {"run": r.dir.name, "backbone": unit_info["name"], "weights": unit_info["weights"],
+                        "subject": r.data.get("subject"), "layer": layer, "localizer": lset.name,
+                        "category": category, "n_units": int(m.sum()), "n_voxels": int(view["n_voxels"])}
+                if not m.any():
+                    for measure in ("tuning", "rdm"):
+                        rows.append({**base, "measure": measure, **flatten_result(None)})
+                    continue
+                unit_views = {"tuning": loc.unit_profile(acts[:, m], opts.standardise_units),
+                              "rdm": loc.correlation_rdm(acts[:, m], opts.standardise_units)}
+                for measure in ("tuning", "rdm"):
+                    res = loc.consistency(similarity_fn(measure, opts), unit_views[measure], view[measure],
+                                          None, view[f"{measure}_halves"], n_boot=opts.n_boot, seed=opts.seed,
+                                          level=opts.ci, n_images=common.size)
+                    rows.append({**base, "measure": measure, **flatten_result(res)})
+    return rows
+
+
+def compare_with_brains(study: Study, units: Units, opts: LocalizerOptions,
+                        console: Console) -> tuple[list[dict], list[dict], list[dict]]:
+    """Phase 3, per data root: the subjects' regions and trials, the human–human ceiling, every run's units
+    vs its subject's regions, and the encoding lesions. Returns (comparison, ceiling, lesion) rows."""
     comparison_rows, ceiling_rows, lesion_rows = [], [], []
     by_root = defaultdict(list)
-    for r in brain_runs:
+    for r in study.brain_runs:
         by_root[str(r.data["root"])].append(r)
     for root, group in by_root.items():
-        subjects: dict = {}
-        for r in group:
-            if r.subject_key in subjects:
-                continue
-            if not regions[r.dir]:
-                continue
-            columns = np.flatnonzero(np.any(np.stack(list(regions[r.dir].values())), axis=0))
-            console.print(f"reading subject {r.data['subject']}'s trials at {columns.size} region voxels")
-            ids, values = read_region_trials(r, columns)
-            subjects[r.subject_key] = SubjectBrain(r, regions[r.dir], columns, ids, values)
+        subjects = subject_brains(group, study.regions, console)
         if not subjects:
             continue
-        common = None
-        for brain in subjects.values():
-            test_ids = np.unique(brain.run.test_ids)
-            counts = np.array([np.sum(brain.trial_ids == i) for i in test_ids])
-            kept = test_ids[counts >= opts.min_trials]
-            common = kept if common is None else np.intersect1d(common, kept)
-        if common.size < 10:
-            raise ValueError(f"{root}: only {common.size} test images with >= {opts.min_trials} trials are common to "
-                             f"the subjects {[k[1] for k in subjects]}; need >= 10")
+        common = common_images(subjects, root, opts)
         brain_views = {k: brain_measures(b, common, opts) for k, b in subjects.items()}
-        # human–human ceiling
-        for (ka, va), (kb, vb) in itertools.combinations(brain_views.items(), 2):
-            for category in va:
-                if category not in vb:
-                    continue
-                for measure in ("tuning", "rdm"):
-                    res = loc.consistency(similarity_fn(measure, opts), va[category][measure], vb[category][measure],
-                                          va[category][f"{measure}_halves"], vb[category][f"{measure}_halves"],
-                                          n_boot=opts.n_boot, seed=opts.seed, level=opts.ci, n_images=common.size)
-                    ceiling_rows.append({"subject_a": ka[1], "subject_b": kb[1], "category": category,
-                                         "n_voxels_a": int(va[category]["n_voxels"]),
-                                         "n_voxels_b": int(vb[category]["n_voxels"]),
-                                         "measure": measure, **flatten_result(res)})
-        # model vs brain, and lesions
+        ceiling_rows += human_ceiling(brain_views, common.size, opts)
         for r in group:
             brain = subjects.get(r.subject_key)
             if brain is None:
                 continue
-            enc, unit_info = encoders[r.dir], localized[r.localizer_key]
-            views = brain_views[r.subject_key]
-            feats = run_features(r, enc, unit_info["backbone"], unit_info["compare"], common, opts.batch_size)
-            for layer in unit_info["compare"]:
-                acts = feats[layer].astype(np.float64)
-                for lset in sets:
-                    for category, view in views.items():
-                        m = masks.get((r.localizer_key, unit_info["weights"], lset.name, layer, category))
-                        if m is None:
-                            continue
-                        base = {"run": r.dir.name, "backbone": unit_info["name"], "weights": unit_info["weights"],
-                                "subject": r.data.get("subject"), "layer": layer, "localizer": lset.name,
-                                "category": category, "n_units": int(m.sum()), "n_voxels": int(view["n_voxels"])}
-                        if not m.any():
-                            for measure in ("tuning", "rdm"):
-                                comparison_rows.append({**base, "measure": measure, **flatten_result(None)})
-                            continue
-                        unit_views = {"tuning": loc.unit_profile(acts[:, m], opts.standardise_units),
-                                      "rdm": loc.correlation_rdm(acts[:, m], opts.standardise_units)}
-                        for measure in ("tuning", "rdm"):
-                            res = loc.consistency(similarity_fn(measure, opts), unit_views[measure], view[measure],
-                                                  None, view[f"{measure}_halves"], n_boot=opts.n_boot, seed=opts.seed,
-                                                  level=opts.ci, n_images=common.size)
-                            comparison_rows.append({**base, "measure": measure, **flatten_result(res)})
+            enc, unit_info = units.encoders[r.dir], units.localized[r.localizer_key]
+            comparison_rows += model_vs_brain(r, enc, unit_info, brain_views[r.subject_key], units.masks, study.sets,
+                                              common, opts)
             if opts.lesions:
-                lesion_rows += lesions_for_run(r, enc, unit_info, brain, masks, main, opts, console, notes)
-    if not brain_runs:
-        notes.append("no run with NSD-layout data: selective-unit counts only")
+                lesion_rows += lesions_for_run(r, enc, unit_info, brain, units.masks, study.main, opts, console,
+                                               study.notes)
+    if not study.brain_runs:
+        study.notes.append("no run with NSD-layout data: selective-unit counts only")
+    return comparison_rows, ceiling_rows, lesion_rows
 
-    # --- outputs
+
+@dataclass
+class LocalizerResult:
+    """Everything the analysis found: localizer.json's content (``summary``) and the units' t-maps."""
+
+    summary: dict
+    tmaps: dict[str, np.ndarray]
+    main: str
+
+
+def compute_all(run_dirs: Sequence[Path | RunDir], opts: LocalizerOptions, console: Console) -> LocalizerResult:
+    """Phases 1-3 over these runs; nothing is written."""
+    study = prepare(run_dirs, opts)
+    units = localize_runs(study, opts, console)
+    comparison_rows, ceiling_rows, lesion_rows = compare_with_brains(study, units, opts, console)
+    pooling_note = opts.pooling or "the run's"
+    summary = {"runs": [str(r.dir) for r in study.runs],
+               "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
+               "localizers": [{"name": s.name, "source": s.source, "images": s.counts()} for s in study.sets],
+               "units": f"{pooling_note} pooling", "unit_counts": units.count_rows,
+               "overlap": units.overlap_rows, "comparison": comparison_rows, "ceiling": ceiling_rows,
+               "lesions": lesion_rows, "notes": study.notes}
+    return LocalizerResult(summary, units.tmaps, study.main.name)
+
+
+def write_results(result: LocalizerResult, out_dir: Path, opts: LocalizerOptions) -> list[Path]:
+    """unit_counts.csv/.png, units.npz, overlap.csv, comparison.csv, ceiling.csv, comparison.png,
+    lesions.csv/.png and localizer.json into ``out_dir``."""
+    s = result.summary
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [write_dict_rows(out_dir / "unit_counts.csv", count_rows),
-             plot_counts(count_rows, main.name, out_dir / "unit_counts.png", opts)]
-    np.savez_compressed(out_dir / "units.npz", **{k: v.astype(np.float32) for k, v in tmaps_units.items()})
+    files = [write_dict_rows(out_dir / "unit_counts.csv", s["unit_counts"]),
+             figures.plot_counts(s["unit_counts"], result.main, out_dir / "unit_counts.png", opts)]
+    np.savez_compressed(out_dir / "units.npz", **{k: v.astype(np.float32) for k, v in result.tmaps.items()})
     files.append(out_dir / "units.npz")
-    if overlap_rows:
-        files.append(write_dict_rows(out_dir / "overlap.csv", overlap_rows))
-    if comparison_rows:
-        files.append(write_dict_rows(out_dir / "comparison.csv", comparison_rows))
-        if ceiling_rows:
-            files.append(write_dict_rows(out_dir / "ceiling.csv", ceiling_rows))
-        files.append(plot_comparison(comparison_rows, ceiling_rows, main.name, out_dir / "comparison.png"))
-    if lesion_rows:
-        files.append(write_dict_rows(out_dir / "lesions.csv", lesion_rows))
-        files.append(plot_lesions(lesion_rows, out_dir / "lesions.png"))
-    summary = {"runs": [str(r.dir) for r in runs], "options": {f.name: getattr(opts, f.name) for f in fields(opts)},
-               "localizers": [{"name": s.name, "source": s.source, "images": s.counts()} for s in sets],
-               "units": f"{pooling_note} pooling", "unit_counts": count_rows, "overlap": overlap_rows,
-               "comparison": comparison_rows, "ceiling": ceiling_rows, "lesions": lesion_rows, "notes": notes}
-    write_json(out_dir / "localizer.json", summary)
+    if s["overlap"]:
+        files.append(write_dict_rows(out_dir / "overlap.csv", s["overlap"]))
+    if s["comparison"]:
+        files.append(write_dict_rows(out_dir / "comparison.csv", s["comparison"]))
+        if s["ceiling"]:
+            files.append(write_dict_rows(out_dir / "ceiling.csv", s["ceiling"]))
+        files.append(figures.plot_comparison(s["comparison"], s["ceiling"], result.main, out_dir / "comparison.png"))
+    if s["lesions"]:
+        files.append(write_dict_rows(out_dir / "lesions.csv", s["lesions"]))
+        files.append(figures.plot_lesions(s["lesions"], out_dir / "lesions.png"))
+    write_json(out_dir / "localizer.json", s)
     files.append(out_dir / "localizer.json")
-    print_tables(console, count_rows, comparison_rows, ceiling_rows, lesion_rows, main.name)
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
-    return {**summary, "out_dir": out_dir, "files": files}
+    return files
+
+
+class LocalizerJob(Job):
+    """Units vs regions over every run below the target at once (the ceiling needs all subjects)."""
+
+    name = "localizer"
+    Options = LocalizerOptions
+    scope = "sweep"
+    console_width = 140
+
+    def compute_all(self, runs: list[RunDir], target: Path) -> LocalizerResult:
+        return compute_all(runs, self.options, self.console)
+
+    def write_all(self, result: LocalizerResult, target: Path) -> list[Path]:
+        self.written_to = target / self.options.out_subdir
+        return write_results(result, self.written_to, self.options)
+
+    def show_all(self, result: LocalizerResult, files: list[Path]) -> None:
+        s = result.summary
+        print_tables(self.console, s["unit_counts"], s["comparison"], s["ceiling"], s["lesions"], result.main)
+        self.notes(s["notes"])
+        self.console.print(f"wrote {len(files)} files to {self.written_to}")
+
+
+def analyse(run_dirs: Sequence[Path | RunDir], out_dir: Path, opts: LocalizerOptions | None = None,
+            console: Console | None = None) -> dict:
+    """Every part of the analysis over these runs (library use); writes ``out_dir`` and returns the tables
+    as records, with "out_dir" and "files"."""
+    opts = opts or LocalizerOptions()
+    console = console or Console(quiet=True)
+    result = compute_all(run_dirs, opts, console)
+    files = write_results(result, Path(out_dir), opts)
+    print_tables(console, result.summary["unit_counts"], result.summary["comparison"], result.summary["ceiling"],
+                 result.summary["lesions"], result.main)
+    print_notes(console, result.summary["notes"])
+    return {**result.summary, "out_dir": Path(out_dir), "files": files}
 
 
 def per_set_layers(per_set: dict) -> list[str]:
@@ -654,98 +741,6 @@ def write_dict_rows(path: Path, rows: list[dict]) -> Path:
     return write_csv(path, list(rows[0]), [list(row.values()) for row in rows])
 
 
-def plot_counts(rows: list[dict], set_name: str, path: Path, opts: LocalizerOptions) -> Path:
-    """% selective units per layer and category (main localizer): solid = the run's weights, dashed = random."""
-    plt = pyplot()
-    rows = [r for r in rows if r["localizer"] == set_name]
-    groups = list(dict.fromkeys((r["backbone"], r["weights"]) for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    colours = {}
-    for backbone, weights in groups:
-        sel = [r for r in rows if (r["backbone"], r["weights"]) == (backbone, weights)]
-        layers = list(dict.fromkeys(r["layer"] for r in sel))
-        style = "--" if sel[0]["variant"] == "random" else "-"
-        for category in dict.fromkeys(r["category"] for r in sel):
-            y = [next(r["percent"] for r in sel if r["layer"] == layer and r["category"] == category) for layer in layers]
-            colour = colours.setdefault(category, f"C{len(colours) % 10}")
-            ax.plot(range(len(layers)), y, style, marker="o", color=colour, label=f"{category} — {backbone} {weights}")
-        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right")
-    rule = f"top {opts.top_percent}%" if opts.top_percent is not None else f"t > {opts.t_threshold}"
-    ax.set_ylabel(f"% selective units ({rule})")
-    ax.set_title(f"category-selective units per layer ({set_name} localizer)", fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: Path) -> Path:
-    """Noise-corrected tuning and RDM consistency per category: each run's units (main localizer) vs the
-    human–human ceiling, with bootstrap CIs."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, measure in zip(axes, ("tuning", "rdm")):
-        model = [r for r in rows if r["measure"] == measure and r["localizer"] == set_name]
-        hh = [r for r in ceiling if r["measure"] == measure]
-        categories = list(dict.fromkeys([r["category"] for r in model] + [r["category"] for r in hh]))
-        series = list(dict.fromkeys(f"{r['backbone']} {r['layer']} → sub{r['subject']}" for r in model))
-        series += list(dict.fromkeys(f"human sub{r['subject_a']} ↔ sub{r['subject_b']}" for r in hh))
-        width = 0.8 / max(len(series), 1)
-        for j, name in enumerate(series):
-            pick = [r for r in model if f"{r['backbone']} {r['layer']} → sub{r['subject']}" == name] or \
-                   [r for r in hh if f"human sub{r['subject_a']} ↔ sub{r['subject_b']}" == name]
-            y, lo, hi = [], [], []
-            for c in categories:
-                r = next((p for p in pick if p["category"] == c), None)
-                v = r["score_nc"] if r else np.nan
-                y.append(v)
-                lo.append(v - r["score_nc_lo"] if r else np.nan)
-                hi.append(r["score_nc_hi"] - v if r else np.nan)
-            err = np.nan_to_num(np.abs(np.array([lo, hi], dtype=float)))
-            ax.bar(np.arange(len(categories)) + j * width, np.nan_to_num(np.array(y, dtype=float)), width, yerr=err,
-                   capsize=2, label=name, color="0.4" if name.startswith("human") else f"C{j}")
-        ax.set_xticks(np.arange(len(categories)) + 0.4 - width / 2, categories)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_ylabel("noise-corrected r (95% CI)")
-        ax.set_title("univariate tuning" if measure == "tuning" else "representational geometry (RDM)", fontsize=10)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_lesions(rows: list[dict], path: Path) -> Path:
-    """Held-out mean r in each region for each unit subset (random subsets: mean ± SD over draws)."""
-    plt = pyplot()
-    groups = list(dict.fromkeys((r["run"], r["layer"], r["category"]) for r in rows))
-    conditions = list(dict.fromkeys(r["condition"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4))
-    width = 0.8 / len(conditions)
-    for j, cond in enumerate(conditions):
-        y = [next((r["r_mean"] for r in rows if (r["run"], r["layer"], r["category"]) == g and r["condition"] == cond),
-                  np.nan) for g in groups]
-        e = [next((r["r_sd"] for r in rows if (r["run"], r["layer"], r["category"]) == g and r["condition"] == cond),
-                  np.nan) for g in groups]
-        ax.bar(np.arange(len(groups)) + j * width, np.nan_to_num(np.array(y, float)), width,
-               yerr=np.nan_to_num(np.array(e, float)), capsize=2, label=cond)
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{c}\n{lay}\n{run[:12]}" for run, lay, c in groups], fontsize=7)
-    ax.set_ylabel("test r in the region (mean over voxels)")
-    ax.set_title("encoding lesions", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "—"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
 def print_tables(console: Console, counts, comparison, ceiling, lesions, set_name: str) -> None:
     table = Table(title=f"selective units per layer ({set_name} localizer)")
     for col in ("backbone", "weights", "layer", "category", "selective / units"):
@@ -760,10 +755,10 @@ def print_tables(console: Console, counts, comparison, ceiling, lesions, set_nam
             table.add_column(col)
         for r in comparison:
             table.add_row(f"{r['backbone']} → sub{r['subject']}", r["layer"], r["localizer"], r["category"], r["measure"],
-                          f"{_fmt(r['score'])} [{_fmt(r['score_lo'])}, {_fmt(r['score_hi'])}]", _fmt(r["score_nc"]))
+                          f"{fmt(r['score'])} [{fmt(r['score_lo'])}, {fmt(r['score_hi'])}]", fmt(r["score_nc"]))
         for r in ceiling:
             table.add_row(f"sub{r['subject_a']} ↔ sub{r['subject_b']}", "", "", r["category"], r["measure"],
-                          f"{_fmt(r['score'])} [{_fmt(r['score_lo'])}, {_fmt(r['score_hi'])}]", _fmt(r["score_nc"]))
+                          f"{fmt(r['score'])} [{fmt(r['score_lo'])}, {fmt(r['score_hi'])}]", fmt(r["score_nc"]))
         console.print(table)
     if lesions:
         table = Table(title="encoding lesions (test r in the region)")
@@ -771,21 +766,9 @@ def print_tables(console: Console, counts, comparison, ceiling, lesions, set_nam
             table.add_column(col)
         for r in lesions:
             table.add_row(r["run"], r["layer"], r["category"], r["condition"], str(r["n_units"]),
-                          f"{_fmt(r['r_mean'])}" + (f" ± {_fmt(r['r_sd'])}" if np.isfinite(r["r_sd"]) else ""))
+                          f"{fmt(r['r_mean'])}" + (f" ± {fmt(r['r_sd'])}" if np.isfinite(r["r_sd"]) else ""))
         console.print(table)
 
 
-# ----------------------------------------------------------------------------- entry
 
 
-def run_localizer(cfg, target: Path) -> None:
-    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir) -> ``<target>/<out_subdir>/``."""
-    from omegaconf import OmegaConf
-
-    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
-    data_dir = OmegaConf.select(cfg, "paths.data_dir", default="data")
-    opts = LocalizerOptions.from_config(analysis, data_dir=str(data_dir))
-    run_dirs = require_runs(target)
-    console = Console(width=140)
-    result = analyse(run_dirs, Path(target) / opts.out_subdir, opts, console)
-    console.print(f"wrote {len(result['files'])} files to {result['out_dir']}")

@@ -21,7 +21,7 @@ head=ridge or head=linear. Per run, written to ``<run_dir>/clip_msm/``:
   localizer map, for MSM and for hard-label CLIP-Dissect (one-hot maps) (Fig. 6);
 - ``similarities.csv``: the same agreement figures for the similarities in ``analysis.compare``;
 - ``training_curve.csv`` + ``.png``: test accuracy of ridge refits on nested subsets of the training
-  images (Fig. 2B), see :mod:`analyses.training_curve`;
+  images (Fig. 2B), see :mod:`analyses.methods.training_curve`;
 - ``summary.json``.
 
 With a sweep_dir holding runs of >= 2 subjects (same backbone, head, dataset), ``clip_msm_localizer_paired_*``
@@ -30,13 +30,14 @@ r(CLIP-Dissect) per concept, and ``clip_msm_training_curve.png`` overlays every 
 
 Q = I·Wᵀ: I are the run's own image features (the embedding as its backbone computed it) and W the head's
 weights mapped back from the standardised features to those raw features, W_raw = W/σ (see
-:func:`analyses.dissect.raw_space_weights`); the bias and the standardisation offset are constant per
+:func:`analyses.methods.dissect.raw_space_weights`); the bias and the standardisation offset are constant per
 voxel and do not enter Q. P = norm(I)·norm(T)ᵀ with T from the same open_clip model's text tower
 (:mod:`encoders.text`), or from ``analysis.concept_embeddings``.
 
 Ground truth for the localizer correlation (``analysis.localizers``): ``auto`` uses the synthetic dataset's
-``ground_truth.h5`` (the planted category contrast: mean noise-free signal for the category's images minus
-that for the other images, per voxel) for concepts with a ``synthetic_category``; or a mapping
+planted truth (``RunDir.ground_truth()``, from ``SyntheticDataModule``: the planted category contrast, mean
+noise-free signal for the category's images minus that for the other images, per voxel) for concepts with
+a ``synthetic_category``; or a mapping
 ``{concept: file}`` with a NIfTI volume read at the run's voxel coordinates (e.g. NSD's fLoc t-maps
 ``nsddata/ppdata/subjXX/func1pt8mm/floc_facestval.nii.gz``) or a ``.npy`` vector in the run's voxel order.
 """
@@ -49,13 +50,16 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from analyses import dissect
-from analyses.outputs import pyplot, write_csv
-from analyses.summary import require_runs
+from analyses.jobs import clip_msm_figures as figures
+from analyses.jobs.base import Job, JobOptions
+from analyses.jobs.console import fmt, print_notes, table
+from analyses.jobs.outputs import write_csv
+from analyses.methods import dissect
+from datamodules.errors import DataError
+from datamodules.image_folder import ImageFolder, image_files
+from encoders.run_dir import RunDir
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PLANTED_PREFIX = "planted:"
 
 
@@ -63,8 +67,14 @@ PLANTED_PREFIX = "planted:"
 
 
 @dataclass
-class Options:
-    concepts: list[str]
+class ClipMSMOptions(JobOptions):
+    """conf/analysis/clip_msm.yaml (its ``concepts`` group is a concept set, see ``load_concepts``)."""
+
+    JOB = "clip_msm"
+    GROUPS = ("training_curve",)
+    ALIASES = {("training_curve", "sizes"): "curve_sizes", ("training_curve", "seed"): "curve_seed"}
+
+    concepts: list[str] = field(default_factory=list)
     expected_rois: dict[str, list[str]] = field(default_factory=dict)  # concept -> ROI names that prefer it
     synthetic_category: dict[str, str] = field(default_factory=dict)   # concept -> synthetic category name
     templates: list[str] = field(default_factory=lambda: ["{}"])
@@ -84,22 +94,24 @@ class Options:
     out_subdir: str = "clip_msm"
 
     @classmethod
-    def from_config(cls, a: dict) -> "Options":
-        names, expected, synthetic = load_concepts(a.get("concepts") or {})
-        for name in [a.get("similarity", "soft_wpmi"), *(a.get("compare") or [])]:
+    def from_config(cls, analysis: dict, data_dir: str | None = None) -> "ClipMSMOptions":
+        """The options from the analysis config; its ``concepts`` group (a concept set) becomes the concept
+        names, their expected ROIs and synthetic categories."""
+        a = dict(analysis)
+        names, expected, synthetic = load_concepts(a.pop("concepts", None) or {})
+        a.update(concepts=names, expected_rois=expected, synthetic_category=synthetic)
+        for key in ("templates", "similarity_args", "compare", "localizers"):
+            if a.get(key) is None:
+                a.pop(key, None)  # null in the YAML: the default
+        return super().from_config(a, data_dir)
+
+    def check(self) -> None:
+        if not self.concepts:
+            raise ValueError("analysis.concepts: no concepts (give names: [...] or file: <path>)")
+        for name in [self.similarity, *self.compare]:
             if name not in dissect.SIMILARITIES:
                 raise ValueError(f"analysis.similarity/compare: unknown similarity {name!r}; valid: "
                                  f"{', '.join(dissect.SIMILARITIES)}")
-        curve = a.get("training_curve") or {}
-        return cls(concepts=names, expected_rois=expected, synthetic_category=synthetic,
-                   templates=list(a.get("templates") or ["{}"]), concept_embeddings=a.get("concept_embeddings"),
-                   similarity=a.get("similarity", "soft_wpmi"), similarity_args=dict(a.get("similarity_args") or {}),
-                   compare=list(a.get("compare") or []), probe=str(a.get("probe", "dataset")),
-                   n_top_images=int(a.get("n_top_images", 3)), rois=a.get("rois"),
-                   localizers=a.get("localizers") or "auto", localizer_rois=a.get("localizer_rois"),
-                   curve_sizes=list(curve.get("sizes") or []), curve_seed=int(curve.get("seed", 0)),
-                   device=str(a.get("device", "cpu")), batch_size=int(a.get("batch_size", 64)),
-                   out_subdir=str(a.get("out_subdir", "clip_msm")))
 
     def similarity_kwargs(self, name: str) -> dict:
         return {k: v for k, v in (self.similarity_args.get(name) or {}).items() if v is not None}
@@ -144,6 +156,7 @@ def load_concepts(cfg: dict) -> tuple[list[str], dict[str, list[str]], dict[str,
 class RunEncoder:
     """What CLIP-MSM needs from a run: its TrainedEncoder, W_raw (n_voxels, d), voxels and ROIs."""
 
+    run: RunDir
     enc: object
     weights: np.ndarray
     voxel_xyz: np.ndarray
@@ -152,33 +165,26 @@ class RunEncoder:
     info: dict
 
 
-def load_run_encoder(run_dir: Path, device: str = "cpu") -> RunEncoder:
+def load_run_encoder(run_dir: RunDir | Path, device: str = "cpu") -> RunEncoder:
     """The run's encoder and its head weights on the raw CLIP image embedding; ValueError when the run is
     not a linear head on the ``embed`` layer alone."""
-    from encoders.trained import load_trained
-
-    enc = load_trained(run_dir, device=device)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if run.is_time_series:
+        raise ValueError(f"{run.path}: CLIP-MSM needs a head on the raw CLIP image embedding; this run's head reads "
+                         f"z-scored, PCA-reduced, HRF-convolved features per TR (a time series)")
+    enc = run.encoder(device=device)
     if not enc.takes_backbone_features or enc.layers != ["embed"]:
-        raise ValueError(f"{run_dir}: CLIP-MSM needs a head on the CLIP image embedding alone "
+        raise ValueError(f"{run.path}: CLIP-MSM needs a head on the CLIP image embedding alone "
                          f"(backbone.layers=[embed]); this run reads {enc.layers}")
     weight = getattr(enc.model.head, "weight", None)
     if weight is None or tuple(weight.shape) != (enc.n_voxels, enc.n_features):
-        raise ValueError(f"{run_dir}: CLIP-MSM needs a linear head (head=ridge or head=linear) with weights "
+        raise ValueError(f"{run.path}: CLIP-MSM needs a linear head (head=ridge or head=linear) with weights "
                          f"(n_voxels, n_features); {type(enc.model.head).__name__} has none")
     w_raw = dissect.raw_space_weights(weight.detach().cpu().numpy(), enc.model.feature_std.cpu().numpy())
-    metrics_file = run_dir / "voxel_metrics.npz"
-    if not metrics_file.is_file():
-        raise FileNotFoundError(f"{metrics_file}: not found")
-    with np.load(metrics_file) as f:
-        xyz = f["voxel_xyz"]
-        rois = {k[4:]: f[k].astype(bool) for k in f.files if k.startswith("roi_")}
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"{split_file}: not found")
-    return RunEncoder(enc, w_raw, xyz, rois, json.loads(split_file.read_text()), enc.info)
+    return RunEncoder(run, enc, w_raw, run.voxel_xyz, run.rois(), run.split, run.info)
 
 
-def concept_embeddings(run: RunEncoder, opts: Options) -> tuple[np.ndarray, str]:
+def concept_embeddings(run: RunEncoder, opts: ClipMSMOptions) -> tuple[np.ndarray, str]:
     """T (n_concepts, d): from ``analysis.concept_embeddings`` or the backbone's own text tower."""
     d = run.weights.shape[1]
     if opts.concept_embeddings:
@@ -254,21 +260,7 @@ class Probe:
         return str(self.files[i]) if self.files is not None else str(int(self.ids[i]))
 
 
-def _nsd_brick(info: dict):
-    """StimulusBrick of the run's NSD-layout dataset, or None."""
-    data = info.get("data", {})
-    if data.get("root") is None or data.get("subject") is None:
-        return None
-    from datamodules.errors import DataError
-    from datamodules.nsd_files import NSDPaths, StimulusBrick
-
-    try:
-        return StimulusBrick(NSDPaths(Path(data["root"]), int(data["subject"])).stimuli)
-    except (DataError, ValueError, TypeError):
-        return None
-
-
-def probe_images(run: RunEncoder, opts: Options) -> Probe:
+def probe_images(run: RunEncoder, opts: ClipMSMOptions) -> Probe:
     """``dataset``: every image of the run's splits; ``test``: its test images; else a folder of images."""
     enc = run.enc
     if opts.probe in ("dataset", "test"):
@@ -276,74 +268,33 @@ def probe_images(run: RunEncoder, opts: Options) -> Probe:
         ids = np.unique(np.concatenate([np.asarray(run.split.get(k, []), dtype=np.int64) for k in keys]))
         if ids.size == 0:
             raise ValueError(f"{enc.run_dir / 'split.json'}: no image ids for the probe set '{opts.probe}'")
-        brick = _nsd_brick(run.info)
+        try:
+            source = run.run.stimuli()
+        except (DataError, ValueError, KeyError):
+            source = None
         feats = enc.cached_features(ids)
         if feats is None:
-            if brick is None:
+            if source is None:
                 raise ValueError(f"{enc.run_dir}: the run's feature cache is gone and its images cannot be read; "
                                  f"give analysis.probe=<folder of images>")
-            feats = np.concatenate([enc.image_features([brick.image(i) for i in ids[s:s + opts.batch_size]])
+            feats = np.concatenate([enc.image_features([source.image(i) for i in ids[s:s + opts.batch_size]])
                                     for s in range(0, len(ids), opts.batch_size)])
-        reader = (lambda i: brick.image(int(ids[i]))) if brick is not None else None
+        reader = (lambda i: source.image(int(ids[i]))) if source is not None else None
         return Probe(feats, ids, None, f"{opts.probe} images of the run ({len(ids)})", reader)
     folder = Path(opts.probe)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: probe image folder not found (analysis.probe: dataset | test | <folder>)")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    from PIL import Image
-
-    def read(i: int) -> np.ndarray:
-        with Image.open(files[i]) as im:
-            return np.array(im.convert("RGB"))  # a writable copy
-
-    feats = np.concatenate([enc.image_features([read(i) for i in range(s, min(s + opts.batch_size, len(files)))])
+    source = ImageFolder(image_files(folder, recursive=True))
+    files = source.files
+    feats = np.concatenate([enc.image_features([source.image(i) for i in range(s, min(s + opts.batch_size, len(files)))])
                             for s in range(0, len(files), opts.batch_size)])
-    return Probe(feats, None, [str(f) for f in files], f"{len(files)} images under {folder}", read)
+    return Probe(feats, None, [str(f) for f in files], f"{len(files)} images under {folder}", source.image)
 
 
 # ----------------------------------------------------------------------------- ground truth
 
 
-def _match(xyz: np.ndarray, other_xyz: np.ndarray) -> np.ndarray:
-    """Row of each run voxel in other_xyz, or -1."""
-    lookup = {tuple(v): i for i, v in enumerate(np.asarray(other_xyz).tolist())}
-    return np.array([lookup.get(tuple(v), -1) for v in np.asarray(xyz).tolist()], dtype=np.int64)
-
-
-def synthetic_ground_truth(info: dict, xyz: np.ndarray) -> dict | None:
-    """For a run on the synthetic dataset: {"categories", "contrast" (n_categories, n_voxels), "preferred"
-    (n_voxels,) category index or -1}; None when the run's data root has no ground_truth.h5."""
-    data = info.get("data", {})
-    root, subject = data.get("root"), data.get("subject")
-    if root is None or subject is None or not (Path(root) / "ground_truth.h5").is_file():
-        return None
-    import h5py
-
-    with h5py.File(Path(root) / "ground_truth.h5", "r") as f:
-        group = f"subj{int(subject):02d}"
-        if group not in f:
-            return None
-        categories = [c.decode() if isinstance(c, bytes) else str(c) for c in f["categories"][:]]
-        image_category = f["image_category"][:]
-        g = f[group]
-        rows = _match(xyz, g["voxel_xyz"][:])
-        signal = g["signal"][:].astype(np.float64)
-        preferred_all = g["preferred_category"][:]
-    contrast = np.full((len(categories), len(xyz)), np.nan)
-    preferred = np.full(len(xyz), -1, np.int64)
-    ok = rows >= 0
-    for c in range(len(categories)):
-        inside = image_category == c
-        if inside.any() and (~inside).any():
-            diff = signal[inside].mean(0) - signal[~inside].mean(0)
-            contrast[c, ok] = diff[rows[ok]]
-    preferred[ok] = preferred_all[rows[ok]]
-    return {"categories": categories, "contrast": contrast, "preferred": preferred}
-
-
-def localizer_truth(run: RunEncoder, opts: Options, synthetic: dict | None) -> tuple[dict[int, np.ndarray],
+def localizer_truth(run: RunEncoder, opts: ClipMSMOptions, synthetic: dict | None) -> tuple[dict[int, np.ndarray],
                                                                                       dict[str, str]]:
     """Ground-truth maps {concept index: (n_voxels,)} for the concepts that have one, and their sources."""
     truth: dict[int, np.ndarray] = {}
@@ -391,7 +342,7 @@ def read_localizer(path: Path, xyz: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- one run
 
 
-def roi_masks(run: RunEncoder, opts: Options, synthetic: dict | None) -> dict[str, np.ndarray]:
+def roi_masks(run: RunEncoder, opts: ClipMSMOptions, synthetic: dict | None) -> dict[str, np.ndarray]:
     """The run's ROIs (or analysis.rois) plus, on synthetic data, the planted category groups."""
     rois = dict(run.rois)
     if synthetic is not None:
@@ -407,7 +358,7 @@ def roi_masks(run: RunEncoder, opts: Options, synthetic: dict | None) -> dict[st
     return {k: v for k, v in rois.items() if v.any()}
 
 
-def expected_concept(roi: str, opts: Options) -> str | None:
+def expected_concept(roi: str, opts: ClipMSMOptions) -> str | None:
     """The concept a ROI is expected to prefer: from the concept set's ``rois`` and ``synthetic_category``."""
     for concept, names in opts.expected_rois.items():
         if roi in names:
@@ -432,13 +383,13 @@ def localizer_correlations(S: np.ndarray, labels: np.ndarray, truth: dict[int, n
     return msm, hard
 
 
-def dissect_run(acts, P: np.ndarray, name: str, opts: Options) -> dict:
+def dissect_run(acts, P: np.ndarray, name: str, opts: ClipMSMOptions) -> dict:
     """Scores, S, hard labels for one similarity."""
     scores = dissect.similarity(name, acts, P, device=opts.device, **opts.similarity_kwargs(name))
     return {"scores": scores, "S": dissect.multi_semantic_map(scores), "labels": dissect.hard_labels(scores)}
 
 
-def roi_label_rows(labels: np.ndarray, rois: dict[str, np.ndarray], opts: Options) -> list[list]:
+def roi_label_rows(labels: np.ndarray, rois: dict[str, np.ndarray], opts: ClipMSMOptions) -> list[list]:
     hist = dissect.label_histograms(labels, rois, len(opts.concepts))
     rows = []
     for roi, counts in hist.items():
@@ -451,15 +402,16 @@ def roi_label_rows(labels: np.ndarray, rois: dict[str, np.ndarray], opts: Option
     return rows
 
 
-def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
-    """Everything for one run; returns the figures the sweep step needs. Nothing is written until all is
-    computed."""
+def compute_run(run_dir: RunDir | Path, opts: ClipMSMOptions) -> dict:
+    """Everything CLIP-MSM finds in one run (nothing written): the dissection, the per-ROI labels, the
+    localizer correlations, the top images, the training curve and the summary."""
     run = load_run_encoder(run_dir, opts.device)
+    run_dir = run.run.path
     T, t_source = concept_embeddings(run, opts)
     probe = probe_images(run, opts)
     acts = dissect.LinearActivations(probe.features.astype(np.float32), run.weights.astype(np.float32))
     P = dissect.concept_activations(probe.features, T)
-    synthetic = synthetic_ground_truth(run.info, run.voxel_xyz)
+    synthetic = run.run.ground_truth()
     rois = roi_masks(run, opts, synthetic)
     truth, truth_sources = localizer_truth(run, opts, synthetic)
     loc_mask = None
@@ -482,33 +434,8 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
     top = top_images_per_roi(acts, main["labels"], rois, label_rows, opts, probe)
     curve = training_curve(run, opts) if opts.curve_sizes else None
 
-    out = run_dir / opts.out_subdir
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    data = run.info.get("data", {})
-    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} subject {data.get('subject', '?')}"
-    np.savez_compressed(out / "scores.npz", concepts=np.array(opts.concepts), scores=main["scores"].astype(np.float32),
-                        S=main["S"].astype(np.float32), labels=main["labels"], voxel_xyz=run.voxel_xyz,
-                        concept_embeddings=T, probe_ids=probe.ids if probe.ids is not None else np.zeros(0, np.int64),
-                        probe_files=np.array(probe.files or []), similarity=opts.similarity)
-    files.append(out / "scores.npz")
-    header = ["roi", "n_voxels", "top_concept", "top_share", "expected_concept", "expected_share",
-              *[f"n_{c}" for c in opts.concepts]]
-    files.append(write_csv(out / "roi_labels.csv", header, label_rows))
-    files.append(plot_label_histograms(label_rows, opts.concepts, out / "label_histograms.png", title))
-    files.append(write_csv(out / "top_images.csv", ["roi", "top_concept", "n_voxels_labelled", "rank", "image",
-                                                     "mean_activation"], top["rows"]))
-    png = plot_top_images(top, probe, out / "top_images.png", title)
-    if png is not None:
-        files.append(png)
-    files.append(plot_semantic_maps(main["S"], main["labels"], run.voxel_xyz, opts.concepts,
-                                    out / "semantic_maps.png", title))
     loc_rows = [[c, truth_sources.get(c, ""), int(np.isfinite(truth[i]).sum()) if i in truth else 0,
                  loc[opts.similarity]["msm"][i], loc[opts.similarity]["hard"][i]] for i, c in enumerate(opts.concepts)]
-    files.append(write_csv(out / "localizer.csv", ["concept", "ground_truth", "n_voxels", "r_msm", "r_hard"],
-                            loc_rows))
-    if truth_sources:
-        files.append(plot_localizer(loc_rows, out / "localizer.png", title))
     sim_rows = []
     for name, res in results.items():
         acc = {row[0]: row[5] for row in roi_label_rows(res["labels"], rois, opts)}
@@ -516,10 +443,8 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
             rois_c = [r for r in rois if expected_concept(r, opts) == c]
             sim_rows.append([name, c, loc[name]["msm"][i], loc[name]["hard"][i],
                              float(np.nanmean([acc[r] for r in rois_c])) if rois_c else float("nan")])
-    files.append(write_csv(out / "similarities.csv", ["similarity", "concept", "r_msm", "r_hard",
-                                                       "expected_share_mean"], sim_rows))
-    if curve is not None:
-        files += write_training_curve(curve, out, title)
+    data = run.info.get("data", {})
+    title = f"{run.info.get('backbone', '?')}/{run.info.get('head', '?')} subject {data.get('subject', '?')}"
     summary = {"run_dir": str(run_dir), "backbone": run.info.get("backbone"), "head": run.info.get("head"),
                "dataset": run.info.get("data", {}).get("dataset"), "subject": run.info.get("data", {}).get("subject"),
                "concepts": opts.concepts, "concept_embeddings": t_source, "probe": probe.description,
@@ -530,15 +455,85 @@ def analyse_run(run_dir: Path, opts: Options, console: Console) -> dict:
                              for c, r in zip(opts.concepts, loc_rows)},
                "rois": {row[0]: {"top_concept": row[2], "top_share": _num(row[3]), "expected": row[4] or None}
                         for row in label_rows}}
-    _write_json(out / "summary.json", summary)
+    return {"run_dir": run_dir, "title": title, "main": main, "T": T, "probe": probe, "voxel_xyz": run.voxel_xyz,
+            "label_rows": label_rows, "top": top, "loc_rows": loc_rows, "truth_sources": truth_sources,
+            "sim_rows": sim_rows, "curve": curve, "summary": summary, "localizer": loc_rows, "info": run.info}
+
+
+def write_run(res: dict, out: Path, opts: ClipMSMOptions) -> list[Path]:
+    """scores.npz, roi_labels.csv, label_histograms.png, top_images.csv/.png, semantic_maps.png,
+    localizer.csv/.png, similarities.csv, training_curve.csv/.png and summary.json into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    main, probe, title = res["main"], res["probe"], res["title"]
+    files = []
+    np.savez_compressed(out / "scores.npz", concepts=np.array(opts.concepts), scores=main["scores"].astype(np.float32),
+                        S=main["S"].astype(np.float32), labels=main["labels"], voxel_xyz=res["voxel_xyz"],
+                        concept_embeddings=res["T"], probe_ids=probe.ids if probe.ids is not None else np.zeros(0, np.int64),
+                        probe_files=np.array(probe.files or []), similarity=opts.similarity)
+    files.append(out / "scores.npz")
+    header = ["roi", "n_voxels", "top_concept", "top_share", "expected_concept", "expected_share",
+              *[f"n_{c}" for c in opts.concepts]]
+    files.append(write_csv(out / "roi_labels.csv", header, res["label_rows"]))
+    files.append(figures.plot_label_histograms(res["label_rows"], opts.concepts, out / "label_histograms.png", title))
+    files.append(write_csv(out / "top_images.csv", ["roi", "top_concept", "n_voxels_labelled", "rank", "image",
+                                                     "mean_activation"], res["top"]["rows"]))
+    png = figures.plot_top_images(res["top"], probe, out / "top_images.png", title)
+    if png is not None:
+        files.append(png)
+    files.append(figures.plot_semantic_maps(main["S"], main["labels"], res["voxel_xyz"], opts.concepts,
+                                            out / "semantic_maps.png", title))
+    files.append(write_csv(out / "localizer.csv", ["concept", "ground_truth", "n_voxels", "r_msm", "r_hard"],
+                           res["loc_rows"]))
+    if res["truth_sources"]:
+        files.append(figures.plot_localizer(res["loc_rows"], out / "localizer.png", title))
+    files.append(write_csv(out / "similarities.csv", ["similarity", "concept", "r_msm", "r_hard",
+                                                      "expected_share_mean"], res["sim_rows"]))
+    if res["curve"] is not None:
+        files += write_training_curve(res["curve"], out, title)
+    _write_json(out / "summary.json", res["summary"])
     files.append(out / "summary.json")
-    _print_run(console, label_rows, loc_rows, opts)
-    return {"run_dir": run_dir, "out_dir": out, "files": files, "summary": summary, "curve": curve,
-            "localizer": loc_rows, "info": run.info}
+    return files
+
+
+class ClipMSMJob(Job):
+    """CLIP-MSM of every CLIP-embedding run, then the paired test over subjects (see the module docstring)."""
+
+    name = "clip_msm"
+    Options = ClipMSMOptions
+
+    def compute(self, run: RunDir) -> dict:
+        return compute_run(run, self.options)
+
+    def write(self, run: RunDir, result: dict) -> list[Path]:
+        out = self.out_dir(run)
+        result["out_dir"] = out
+        return write_run(result, out, self.options)
+
+    def show(self, run: RunDir, result: dict) -> None:
+        _print_run(self.console, result["label_rows"], result["loc_rows"], self.options)
+
+    def combine(self, results: list[tuple[RunDir, dict]]) -> dict:
+        notes: list[str] = []
+        res = [r for _, r in results]
+        return {"paired": paired_localizer_tests(res, notes), "notes": notes,
+                "curves": [(f"{r['summary']['backbone']}/{r['summary']['head']} s{r['summary']['subject']}", r["curve"])
+                           for r in res if r["curve"] is not None]}
+
+    def write_combined(self, combined: dict, target: Path) -> list[Path]:
+        return write_sweep(combined, target, self.console)
+
+
+def analyse_run(run_dir: RunDir | Path, opts: ClipMSMOptions, console: Console | None = None) -> dict:
+    """Everything for one run (library use): computed, then written to ``<run_dir>/<out_subdir>/``; returns
+    {"run_dir", "out_dir", "files", "summary", "curve", "localizer", "info", ...}."""
+    job = ClipMSMJob(opts, console or Console(quiet=True))
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    result, files = job.process(run)
+    return {**result, "files": files}
 
 
 def top_images_per_roi(acts, labels: np.ndarray, rois: dict[str, np.ndarray], label_rows: list[list],
-                       opts: Options, probe: Probe) -> dict:
+                       opts: ClipMSMOptions, probe: Probe) -> dict:
     """Per ROI: its top concept, and the probe images with the highest mean Q over its voxels so labelled
     (rows: roi, concept, voxels, rank, image id or file, mean activation)."""
     rows, per_roi = [], {}
@@ -558,27 +553,15 @@ def top_images_per_roi(acts, labels: np.ndarray, rois: dict[str, np.ndarray], la
 # ----------------------------------------------------------------------------- training-size curve
 
 
-def rebuild_datamodule(config: dict, run_dir: Path):
-    """The run's datamodule from config.yaml's ``data`` section (set up), for its training targets."""
-    from hydra.utils import instantiate
-
-    data = {k: v for k, v in (config.get("data") or {}).items() if k not in ("synthetic", "generator")}
-    if "_target_" not in data:
-        raise ValueError(f"{run_dir / 'config.yaml'}: no data section with a _target_")
-    root = data.get("root")
-    if root is not None and not Path(root).exists():
-        raise FileNotFoundError(f"{root}: the run's data root is gone (needed for the training-size curve)")
-    dm = instantiate(data)
-    dm.setup()
-    return dm
-
-
-def training_curve(run: RunEncoder, opts: Options) -> dict:
+def training_curve(run: RunEncoder, opts: ClipMSMOptions) -> dict:
     """Ridge refits on nested subsets of the run's training images, scored on its test images."""
-    from analyses.training_curve import resolve_sizes, training_size_curve
+    from analyses.methods.training_curve import resolve_sizes, training_size_curve
 
-    enc, run_dir = run.enc, run.enc.run_dir
-    dm = rebuild_datamodule(enc.config, run_dir)
+    enc, run_dir = run.enc, run.run.path
+    try:
+        dm = run.run.datamodule()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (needed for the training-size curve)") from None
     train_ids, test_ids = np.asarray(dm.split_ids["train"]), np.asarray(dm.split_ids["test"])
     if not (np.array_equal(train_ids, np.asarray(run.split["train"]))
             and np.array_equal(test_ids, np.asarray(run.split["test"]))):
@@ -605,6 +588,7 @@ def training_curve(run: RunEncoder, opts: Options) -> dict:
 
 
 def write_training_curve(curve: dict, out: Path, title: str) -> list[Path]:
+    """training_curve.csv (per size and ROI: mean R² and r) and training_curve.png."""
     rows = []
     for k, n in enumerate(curve["sizes"]):
         for roi, mask in curve["rois"].items():
@@ -612,19 +596,7 @@ def write_training_curve(curve: dict, out: Path, title: str) -> list[Path]:
                          float(np.nanmean(curve["r2"][k, mask])), float(np.nanmean(curve["r"][k, mask]))])
     files = [write_csv(out / "training_curve.csv", ["n_train_images", "n_train_rows", "roi", "n_voxels",
                                                      "r2_mean", "r_mean"], rows)]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for roi, mask in list(curve["rois"].items())[:12]:
-        ax.plot(curve["sizes"], np.nanmean(curve["r2"][:, mask], axis=1), marker="o", label=roi,
-                lw=2.5 if roi == "all" else 1)
-    ax.set_xlabel("training images")
-    ax.set_ylabel("mean test R²")
-    ax.legend(fontsize=6, ncol=2)
-    ax.set_title(f"accuracy vs training-set size — {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "training_curve.png", dpi=110)
-    plt.close(fig)
-    return files + [out / "training_curve.png"]
+    return files + [figures.plot_training_curve(curve, out / "training_curve.png", title)]
 
 
 # ----------------------------------------------------------------------------- across subjects
@@ -666,183 +638,26 @@ def paired_localizer_tests(results: list[dict], notes: list[str] | None = None) 
     return out
 
 
-def write_sweep(results: list[dict], target: Path, console: Console) -> list[Path]:
-    files, notes = [], []
-    for (backbone, head, dataset), res in paired_localizer_tests(results, notes).items():
+def write_sweep(combined: dict, target: Path, console: Console) -> list[Path]:
+    """The paired tests (clip_msm_localizer_paired_*.csv/.png) and every run's training curve in one figure."""
+    files = []
+    for (backbone, head, dataset), res in combined["paired"].items():
         stem = f"clip_msm_localizer_paired_{backbone}_{head}_{dataset}"
         files.append(write_csv(target / f"{stem}.csv", ["concept", "n_subjects", "r_msm_mean", "r_hard_mean",
                                                           "t", "p"], res["rows"]))
-        files.append(plot_paired(res["rows"], target / f"{stem}.png",
-                                 f"{backbone}/{head} {dataset}: subjects {res['subjects']}"))
-        table = Table(title=f"S map vs localizer, paired over subjects {res['subjects']} — {backbone}/{head}")
-        for col in ("concept", "n", "r MSM", "r CLIP-Dissect", "t", "p"):
-            table.add_column(col, justify="left" if col == "concept" else "right")
-        for row in res["rows"]:
-            table.add_row(row[0], str(row[1]), *[_fmt(v) for v in row[2:]])
-        console.print(table)
-    curves = [r for r in results if r["curve"] is not None]
-    if len(curves) > 1:
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in curves:
-            s = r["summary"]
-            ax.plot(r["curve"]["sizes"], np.nanmean(r["curve"]["r2"], axis=1), marker="o",
-                    label=f"{s['backbone']}/{s['head']} s{s['subject']}")
-        ax.set_xlabel("training images")
-        ax.set_ylabel("mean test R² (all voxels)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(target / "clip_msm_training_curve.png", dpi=110)
-        plt.close(fig)
-        files.append(target / "clip_msm_training_curve.png")
-    for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        files.append(figures.plot_paired(res["rows"], target / f"{stem}.png",
+                                         f"{backbone}/{head} {dataset}: subjects {res['subjects']}"))
+        console.print(table(f"S map vs localizer, paired over subjects {res['subjects']} — {backbone}/{head}",
+                            ("concept", "n", "r MSM", "r CLIP-Dissect", "t", "p"),
+                            [[row[0], str(row[1]), *[fmt(v, spec="g") for v in row[2:]]] for row in res["rows"]],
+                            right=("n", "r MSM", "r CLIP-Dissect", "t", "p")))
+    if len(combined["curves"]) > 1:
+        files.append(figures.plot_training_curves(combined["curves"], target / "clip_msm_training_curve.png"))
+    print_notes(console, combined["notes"])
     return files
 
 
-# ----------------------------------------------------------------------------- entry
-
-
-def run_clip_msm(cfg, target: Path) -> None:
-    """analyze.py entry: every run under ``target`` (run_dir or sweep_dir), then the paired test over subjects."""
-    from omegaconf import OmegaConf
-
-    opts = Options.from_config(OmegaConf.to_container(cfg.analysis, resolve=True))
-    run_dirs = require_runs(target)
-    console = Console(width=120)
-    results = []
-    for d in run_dirs:
-        console.rule(str(d))
-        res = analyse_run(d, opts, console)
-        console.print(f"wrote {len(res['files'])} files to {res['out_dir']}")
-        results.append(res)
-    if len(results) > 1:
-        for path in write_sweep(results, Path(target), console):
-            console.print(f"wrote {path}")
-
-
-# ----------------------------------------------------------------------------- figures and files
-
-
-def plot_label_histograms(rows: list[list], concepts: list[str], path: Path, title: str) -> Path:
-    """Voxels per hard label for each ROI (CLIP-MSM Fig. 4A), one small bar chart per ROI."""
-    plt = pyplot()
-    n = max(len(rows), 1)
-    cols = min(n, 6)
-    nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.0 * nrows), squeeze=False)
-    colors = plt.get_cmap("tab10")(np.arange(len(concepts)) % 10)
-    for ax, row in zip(axes.flat, rows):
-        counts = np.array(row[6:], dtype=float)
-        ax.bar(range(len(concepts)), counts, color=colors)
-        ax.set_title(f"{row[0]} ({row[1]})" + (f"\nexpected {row[4]}" if row[4] else ""), fontsize=7)
-        ax.set_xticks(range(len(concepts)), concepts if len(concepts) <= 12 else [""] * len(concepts),
-                      rotation=90, fontsize=6)
-        ax.tick_params(axis="y", labelsize=6)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.suptitle(f"voxels per CLIP-Dissect label — {title}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_top_images(top: dict, probe: Probe, path: Path, title: str, max_rois: int = 24) -> Path | None:
-    """Top images per ROI for its top concept (CLIP-MSM Fig. 4B); None when the probe images cannot be read."""
-    if probe.reader is None or not top["per_roi"]:
-        return None
-    plt = pyplot()
-    items = list(top["per_roi"].items())[:max_rois]
-    k = max(len(idx) for _, (_, idx) in items)
-    fig, axes = plt.subplots(len(items), k, figsize=(1.6 * k, 1.6 * len(items)), squeeze=False)
-    for r, (roi, (concept, idx)) in enumerate(items):
-        for j in range(k):
-            ax = axes[r, j]
-            ax.axis("off")
-            if j < len(idx):
-                ax.imshow(probe.image(int(idx[j])))
-            if j == 0:
-                ax.set_title(f"{roi}: {concept}", fontsize=7, loc="left")
-    fig.suptitle(f"top images per ROI for its top concept — {title}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / len(items)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _projection(values: np.ndarray, xyz: np.ndarray) -> np.ndarray:
-    """Maximum projection along the last axis of per-voxel values placed at voxel_xyz (volume runs), or a
-    single row (other spaces)."""
-    if xyz.ndim != 2 or xyz.shape[1] != 3:
-        return values[None, :]
-    grid = np.full(tuple(xyz.max(0) + 1), np.nan)
-    grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = values
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmax(grid, axis=2).T
-
-
-def plot_semantic_maps(S: np.ndarray, labels: np.ndarray, xyz: np.ndarray, concepts: list[str], path: Path,
-                       title: str, max_concepts: int = 12) -> Path:
-    """Each concept's S map (top row) and CLIP-Dissect's hard-label map (bottom row)."""
-    plt = pyplot()
-    shown = list(range(min(len(concepts), max_concepts)))
-    fig, axes = plt.subplots(2, len(shown), figsize=(2.3 * len(shown), 4.6), squeeze=False)
-    for j, c in enumerate(shown):
-        for i, values in enumerate((S[c], (labels == c).astype(float))):
-            ax = axes[i, j]
-            im = ax.imshow(_projection(values, xyz), origin="lower", cmap="magma", vmin=0, vmax=1,
-                           aspect="auto", interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{concepts[c]} ({'MSM' if i == 0 else 'CLIP-Dissect'})", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
-    fig.suptitle(f"semantic maps (max projection) — {title}", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
-    plt = pyplot()
-    rows = [r for r in rows if r[1]]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
-    ax.bar(x - 0.2, [r[3] for r in rows], 0.4, label="CLIP-MSM (S map)")
-    ax.bar(x + 0.2, [r[4] for r in rows], 0.4, label="CLIP-Dissect (hard label)")
-    ax.set_xticks(x, [r[0] for r in rows])
-    ax.set_ylabel("Pearson r with the localizer")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_paired(rows: list[list], path: Path, title: str) -> Path:
-    plt = pyplot()
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
-    ax.bar(x - 0.2, [r[2] for r in rows], 0.4, label="CLIP-MSM")
-    ax.bar(x + 0.2, [r[3] for r in rows], 0.4, label="CLIP-Dissect")
-    for i, r in enumerate(rows):
-        if np.isfinite(r[5]):
-            star = "**" if r[5] < 0.001 else "*" if r[5] < 0.05 else "n.s."
-            ax.text(i, max(np.nan_to_num(r[2]), np.nan_to_num(r[3])) + 0.02, star, ha="center", fontsize=8)
-    ax.set_xticks(x, [r[0] for r in rows])
-    ax.set_ylabel("mean r over subjects")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+# ----------------------------------------------------------------------------- files and printing
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -853,23 +668,11 @@ def _num(v):
     return float(v) if isinstance(v, (float, np.floating)) and np.isfinite(v) else None
 
 
-def _fmt(v, digits: int = 3) -> str:
-    return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
-        f"{v:.{digits}g}" if isinstance(v, float) else str(v))
-
-
-def _print_run(console: Console, label_rows: list[list], loc_rows: list[list], opts: Options) -> None:
-    table = Table(title=f"CLIP-Dissect labels per ROI ({opts.similarity})")
-    for col in ("ROI", "voxels", "top concept", "share", "expected", "expected share"):
-        table.add_column(col, justify="left" if col in ("ROI", "top concept", "expected") else "right")
-    for row in label_rows:
-        table.add_row(row[0], str(row[1]), row[2], _fmt(row[3]), row[4] or "—", _fmt(row[5]))
-    console.print(table)
+def _print_run(console: Console, label_rows: list[list], loc_rows: list[list], opts: ClipMSMOptions) -> None:
+    console.print(table(f"CLIP-Dissect labels per ROI ({opts.similarity})",
+                        ("ROI", "voxels", "top concept", "share", "expected", "expected share"),
+                        [[row[0], str(row[1]), row[2], fmt(row[3], spec="g"), row[4] or "—", fmt(row[5], spec="g")]
+                         for row in label_rows], right=("voxels", "share", "expected share")))
     if any(r[1] for r in loc_rows):
-        table = Table(title="S map vs localizer (Pearson r)")
-        for col in ("concept", "ground truth", "r MSM", "r CLIP-Dissect"):
-            table.add_column(col)
-        for row in loc_rows:
-            if row[1]:
-                table.add_row(row[0], row[1], _fmt(row[3]), _fmt(row[4]))
-        console.print(table)
+        console.print(table("S map vs localizer (Pearson r)", ("concept", "ground truth", "r MSM", "r CLIP-Dissect"),
+                            [[row[0], row[1], fmt(row[3], spec="g"), fmt(row[4], spec="g")] for row in loc_rows if row[1]]))

@@ -13,13 +13,12 @@ Two forms:
 * A sweep with one model per layer: stack each run's held-out per-voxel accuracy,
   ``best_layer(np.stack([r_layer0, r_layer1, ...]))``.
 
-``best_layer_counts`` and ``plot_best_layer_per_roi`` give the voxel counts per best layer in each
-ROI and their figure.
+``best_layer_counts`` gives the voxel counts per best layer in each ROI (drawn by the Wen 2018 job,
+``analyses.jobs.wen2018_figures.plot_best_layer_per_roi``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -101,32 +100,3 @@ def best_layer_counts(best: np.ndarray, rois: Mapping[str, np.ndarray], n_layers
     return out
 
 
-def plot_best_layer_per_roi(counts: Mapping[str, np.ndarray], layer_names: Sequence[str], path: str | Path,
-                            title: str = "best layer per voxel") -> Path:
-    """Heatmap ROI x layer of the fraction of the ROI's voxels whose best layer it is, counts written in
-    the cells, and each ROI's mean best-layer index; saved as PNG at ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(counts)
-    mat = np.array([counts[n] for n in names], dtype=np.float64).reshape(len(names), len(layer_names))
-    totals = mat.sum(1, keepdims=True)
-    frac = np.divide(mat, totals, out=np.zeros_like(mat), where=totals > 0)
-    mean_idx = np.divide((mat * np.arange(len(layer_names))).sum(1), totals[:, 0],
-                         out=np.full(len(names), np.nan), where=totals[:, 0] > 0)
-    fig, ax = plt.subplots(figsize=(max(6.0, 3.5 + 0.7 * len(layer_names)), 1.2 + 0.32 * max(len(names), 1)))
-    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    for i in range(len(names)):
-        for j in range(len(layer_names)):
-            ax.text(j, i, f"{int(mat[i, j])}", ha="center", va="center", fontsize=7,
-                    color="white" if frac[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(layer_names)), layer_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), [f"{n} (n={int(t)}, mean {m:.1f})" for n, t, m in zip(names, totals[:, 0], mean_idx)])
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="fraction of the ROI's voxels")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -9,6 +9,8 @@ from urllib.parse import quote
 
 import jinja2
 
+from encoders.run_dir import CONFIG
+
 # On load, every <img> gets data-loaded="1" if it decoded (naturalWidth > 0) and "0" otherwise, and
 # <body> data-images-checked="1": a headless browser's DOM dump then tells whether every figure loaded.
 TEMPLATE = r"""<!DOCTYPE html>
@@ -127,13 +129,13 @@ def _href(path: Path, out_dir: Path) -> str:
 
 def render(*, directory: Path, out_dir: Path, runs, failed, figures, roi_stats, tests, rois, split: str,
            metric_label: str, test: str, epochs: dict[str, int | None]) -> str:
-    """The report page as a string (see analyses.report.build_report for the arguments; epochs: run
+    """The report page as a string (see analyses.jobs.report.build_report for the arguments; epochs: run
     name -> number of logged epochs, None without a CSV log)."""
     run_rows = []
     for run in runs:
         m = run.metrics.get(split, {})
         run_rows.append({
-            "name": run.name, "config_href": _href(run.dir / "config.yaml", out_dir), "backbone": run.backbone,
+            "name": run.name, "config_href": _href(run.file(CONFIG), out_dir), "backbone": run.backbone,
             "layers": ", ".join(run.info.get("layers", [])), "head": run.head, "dataset": run.dataset,
             "subject": run.subject, "r": fmt(m.get("r_mean")), "r2": fmt(m.get("r2_mean")),
             "nc_r2": fmt(m.get("nc_r2_mean")), "voxels": fmt(m.get("n_voxels")),

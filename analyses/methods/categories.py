@@ -13,25 +13,24 @@ Feed an encoder many images grouped by category, then:
 Labels are integer category codes 0..n_categories-1 (row i of every output is category i).
 Similarity matrices are used as given by :func:`signed_modularity`; :func:`cluster_categories` and
 :func:`modularity_pvalue` take W as the network (zero its diagonal for a network without
-self-loops: :func:`network` does that). Plots write PNGs with matplotlib's Agg backend.
+self-loops: :func:`network` does that). Arrays in, arrays out: the figures are the Wen 2018 job's
+(``analyses.jobs.wen2018_figures``), the text embeddings for a semantic similarity come from
+``encoders.text``.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.stats
 
-from analyses.outputs import pyplot
 
 __all__ = [
     "CategoryStats", "category_maps", "dprime", "selectivity", "top_categories", "roi_profile",
     "category_similarity", "network", "signed_modularity", "ClusterResult", "cluster_categories",
     "shuffle_similarities", "modularity_pvalue", "fisher_z", "similarity_correlation", "cosine_similarity",
-    "clip_text_embeddings", "load_similarity_csv", "layerwise_organisation", "cluster_region",
-    "finer_clusters", "plot_similarity", "plot_roi_profile",
+    "layerwise_organisation", "cluster_region", "finer_clusters",
 ]
 
 
@@ -376,46 +375,6 @@ def cosine_similarity(embeddings: np.ndarray) -> np.ndarray:
     return e @ e.T
 
 
-def clip_text_embeddings(model, tokenizer, names: Sequence[str], template: str = "a photo of a {}.") -> np.ndarray:
-    """Unit-norm CLIP text embeddings (n, d) of the category names put into ``template``.
-
-    model: an open_clip CLIP (anything with ``encode_text``); tokenizer: its tokenizer
-    (``open_clip.get_tokenizer(model_id)``). The semantic similarity is ``cosine_similarity`` of these.
-    """
-    import torch
-
-    tokens = tokenizer([template.format(n) for n in names])
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        emb = model.encode_text(tokens.to(device)).float().cpu().numpy()
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
-
-
-def load_similarity_csv(path: str | Path, names: Sequence[str]) -> np.ndarray:
-    """A user-supplied (C, C) similarity matrix from a CSV whose header row and first column are category
-    names (any order, at least ``names``), reordered to ``names``. ValueError naming the file otherwise."""
-    import csv
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: semantic similarity CSV not found")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    header = [h.strip() for h in rows[0][1:]]
-    index = {r[0].strip(): r[1:] for r in rows[1:]}
-    missing = [n for n in names if n not in header or n not in index]
-    if missing:
-        raise ValueError(f"{path}: categories {missing} missing from the header row or first column")
-    col = {h: j for j, h in enumerate(header)}
-    try:
-        mat = np.array([[float(index[a][col[b]]) for b in names] for a in names])
-    except (ValueError, IndexError) as err:
-        raise ValueError(f"{path}: not a numeric similarity matrix ({err})") from err
-    if not np.allclose(mat, mat.T, equal_nan=True):
-        raise ValueError(f"{path}: the similarity matrix is not symmetric")
-    return mat
-
-
 # ----------------------------------------------------------------------------- layers and finer scales
 
 
@@ -478,56 +437,3 @@ def finer_clusters(stats: CategoryStats, result: ClusterResult, voxels: np.ndarr
             entry.update(similarity=sim, labels=sub.labels.tolist(), q=sub.q, k=sub.k)
         out.append(entry)
     return out
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def plot_similarity(similarity: np.ndarray, names: Sequence[str], labels: np.ndarray | None, path: str | Path,
-                    title: str = "category similarity") -> Path:
-    """The (C, C) similarity matrix, categories ordered by cluster with the clusters outlined; PNG at path."""
-    plt = pyplot()
-    sim = np.asarray(similarity)
-    order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(2.5 + 0.35 * len(names), 2 + 0.3 * len(names)))
-    im = ax.imshow(sim[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(names)), [names[i] for i in order], rotation=90)
-    ax.set_yticks(range(len(names)), [names[i] for i in order])
-    if labels is not None:
-        sorted_labels = np.asarray(labels)[order]
-        start = 0
-        for c in np.unique(sorted_labels):
-            size = int((sorted_labels == c).sum())
-            ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), size, size, fill=False, lw=2, ec="black"))
-            start += size
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="Pearson r")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_roi_profile(profile: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path,
-                     title: str = "mean d' per ROI", label: str = "d'") -> Path:
-    """Heatmap ROI x category of a per-ROI profile (e.g. mean d'), the best category boxed; PNG at path."""
-    plt = pyplot()
-    rois = list(profile)
-    mat = np.array([profile[r] for r in rois], dtype=np.float64).reshape(len(rois), len(names))
-    lim = np.nanmax(np.abs(mat)) if np.isfinite(mat).any() else 1.0
-    fig, ax = plt.subplots(figsize=(2.5 + 0.7 * len(names), 1.0 + 0.3 * max(len(rois), 1)))
-    im = ax.imshow(mat, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-    for i in range(len(rois)):
-        if np.isfinite(mat[i]).any():
-            j = int(np.nanargmax(mat[i]))
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(rois)), rois)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=label)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -9,42 +9,14 @@ and the table of every run.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from analyses.report import progress_bar
+from analyses.jobs.base import run_group, run_tags, wandb_init
+from analyses.jobs.console import progress_bar
+from encoders.wandb_mode import wandb_mode
 
 ROI_COLUMNS = ("r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan")
-
-
-def wandb_mode() -> str:
-    """"offline" unless WANDB_MODE says otherwise or WANDB_API_KEY is set ("online"): never waits on
-    a network that is not there (the same rule as train.py's logger)."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode:
-        return "offline" if mode == "dryrun" else mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-
-
-def run_config(run_dir: Path) -> dict:
-    """The run's composed config (config.yaml), {} if absent."""
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
-def run_group(config: dict, default: str) -> str:
-    """The W&B group a run trained under (logger.wandb.group in its config), else ``default``."""
-    group = ((config.get("logger") or {}).get("wandb") or {}).get("group")
-    return str(group) if group else default
-
-
-def run_tags(info: dict) -> list[str]:
-    """[backbone, head, dataset, subj<N>] from run.json (as conf/logger/wandb.yaml tags training runs)."""
-    data = info.get("data", {})
-    return [str(info.get("backbone", "?")), str(info.get("head", "?")), str(data.get("dataset", "?")),
-            f"subj{data.get('subject', '?')}"]
 
 
 def flat_summary(metrics: dict) -> dict[str, float]:
@@ -85,12 +57,11 @@ class Logged:
 
 def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Path | None = None,
                         mode: str | None = None, progress: bool = True) -> Logged:
-    """Log every run of ``report`` (an analyses.report.Report) and its figures to W&B.
+    """Log every run of ``report`` (an analyses.jobs.report.Report) and its figures to W&B.
 
     wandb_dir: where the W&B files go (default: the report's sweep directory, under ``wandb/``);
     mode: "offline" | "online" | "disabled" (default wandb_mode()).
     """
-    os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
     mode = mode or wandb_mode()
@@ -98,16 +69,15 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
     base = Path(wandb_dir) if wandb_dir else sweep_dir
     base.mkdir(parents=True, exist_ok=True)
     default_group = sweep_dir.resolve().name
-    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
     run_dirs, run_ids = [], []
     with progress_bar(progress) as bar:
         task = bar.add_task("W&B: runs", total=len(report.runs) + 1)
         for run in report.runs:
-            config = run_config(run.dir)
-            wb = wandb.init(project=project, dir=str(base), mode=mode, group=run_group(config, default_group),
-                            name=run.name, tags=run_tags(run.info), job_type="summary", reinit="create_new",
+            config = run.config
+            wb = wandb_init(directory=base, project=project, mode=mode, group=run_group(config, default_group),
+                            name=run.name, tags=run_tags(run.info), job_type="summary",
                             config={"config": config, "run": {k: v for k, v in run.info.items() if k != "versions"},
-                                    "run_dir": str(run.dir)}, settings=settings)
+                                    "run_dir": str(run.path)})
             wb.summary.update(flat_summary(run.metrics))
             table_columns, rows = roi_table_rows(run.metrics, {report.split: report.roi_stats.get(run.name, {})})
             wb.log({"roi_results": wandb.Table(columns=table_columns, data=rows)})
@@ -115,10 +85,9 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
             run_ids.append(wb.id)
             wb.finish()
             bar.advance(task)
-        wb = wandb.init(project=project, dir=str(base), mode=mode, group=default_group, name=f"{default_group} report",
-                        tags=["report"], job_type="report", reinit="create_new",
-                        config={"sweep_dir": str(sweep_dir), "split": report.split, "metric": report.metric},
-                        settings=settings)
+        wb = wandb_init(directory=base, project=project, mode=mode, group=default_group, name=f"{default_group} report",
+                        tags=["report"], job_type="report",
+                        config={"sweep_dir": str(sweep_dir), "split": report.split, "metric": report.metric})
         wb.log({**{f"figures/{Path(f['path']).stem}": wandb.Image(str(f["path"]), caption=f"{f['title']}: {f['caption']}")
                    for f in report.figures},
                 "runs": wandb.Table(columns=["run", "backbone", "head", "dataset", "subject", "r_mean", "r2_mean",

@@ -17,7 +17,7 @@ Arrays in, arrays out (no Hydra, no files; ``analyses/localizer_job.py`` reads r
 
 Conventions: images are rows; a "profile" is (n_images,), a "pattern" matrix (n_images, n_units or
 n_voxels), an RDM (n_images, n_images) of 1 - Pearson r between image patterns. Bootstrap resamples
-are rows of image indices (``analyses.stats.bootstrap_indices``); row 0 of every index batch built
+are rows of image indices (``analyses.methods.stats.bootstrap_indices``); row 0 of every index batch built
 here is the identity (the point estimate), the same resamples serve every measure (paired CIs).
 
 Noise correction: a brain profile's split-half reliability (two means of k_a and k_b trials per image)
@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import scipy.stats
 
-from analyses import stats
-from analyses.categories import CategoryStats
+from analyses.methods import stats
+from analyses.methods.categories import CategoryStats
 
 __all__ = [
     "welch_t", "contrast_t", "select_units", "localize_units", "jaccard", "unit_profile", "rowwise_pearson",
@@ -68,7 +68,7 @@ def welch_t(n1, m1, v1, n0, m0, v0) -> tuple[np.ndarray, np.ndarray]:
 def contrast_t(category_stats: CategoryStats, category: int) -> tuple[np.ndarray, np.ndarray]:
     """Welch t (and df) of one category against all the other images, per unit, from streamed sums.
 
-    category_stats: :class:`analyses.categories.CategoryStats` over (n_images, n_units) activations
+    category_stats: :class:`analyses.methods.categories.CategoryStats` over (n_images, n_units) activations
     (``update`` batch by batch: memory O(n_categories · n_units) whatever the number of images).
     Returns (t (n_units,), df (n_units,)).
     """

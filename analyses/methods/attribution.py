@@ -1,6 +1,7 @@
 """Dense attribution (BrainSAIL): relevance maps, image-property correlates, encoder agreement, caption probes.
 
-Arrays in, arrays out (no Hydra); ``analyses/brainsail.py`` drives it over a run directory.
+Arrays in, arrays out (no Hydra, no files); ``analyses/jobs/brainsail.py`` drives it over a run directory.
+Caption embeddings come from ``encoders.text.TextEncoder``.
 
     cols, A = roi_columns({"FFA-1": mask, ...}, voxels=[12])        # A (n_voxels, R): ROI means, single voxels
     readout = Readout(trained_encoder, A)                          # patch features (m, d) -> (m, R)
@@ -10,8 +11,9 @@ Arrays in, arrays out (no Hydra); ``analyses/brainsail.py`` drives it over a run
     r_caps = map_correlation(maps, caption_maps(distilled, text))  # (n, R, C)
 
 The relevance of a patch for a column is the trained head's prediction from that patch's feature, as for
-an image feature: the patch feature is standardised with the run's training statistics, the head applied,
-and the voxels averaged over the ROI (linear heads: the ROI-mean weights; other heads: the predictions).
+an image feature: the patch feature goes through the run's saved feature transform (its standardisation;
+for a video run first its frame z-score and PCA), the head is applied, and the voxels averaged over the
+ROI (linear heads: the ROI-mean weights; other heads: the predictions).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 from encoders.heads import LinearHead, RidgeHead
 
 __all__ = ["roi_columns", "Readout", "relevance_maps", "upsample", "luminance", "saturation",
-           "pixel_correlation", "map_correlation", "pearson_rows", "summarize", "caption_maps", "text_embeddings",
-           "assign_categories", "check_embedding_run", "text_tokenizer"]
+           "pixel_correlation", "map_correlation", "pearson_rows", "summarize", "caption_maps",
+           "assign_categories", "check_embedding_run"]
 
 
 # ----------------------------------------------------------------------------- the head on every patch
@@ -36,16 +38,16 @@ __all__ = ["roi_columns", "Readout", "relevance_maps", "upsample", "luminance", 
 def check_embedding_run(encoder) -> None:
     """ValueError (one line) unless the run's head reads exactly the backbone's image embedding.
 
-    Dense patch features live in the embedding space, so the head applies to them only when the run
-    was trained on that layer alone (``backbone.layers=[embed]``).
+    Dense patch features live in the embedding space, so the head applies to them (through the run's
+    saved feature transform) only when the run was trained on that layer alone (``backbone.layers=[embed]``).
     """
     from encoders.backbones import EMBED
 
     layers = list(encoder.backbone.layers)
-    if layers != [EMBED] or not encoder.takes_backbone_features:
+    if layers != [EMBED] or not encoder.predicts_images:
         raise ValueError(f"{encoder.run_dir}: BrainSAIL needs a run trained on the image embedding alone "
                          f"(backbone.layers=[{EMBED}]); this run used layers {layers}"
-                         + ("" if encoder.takes_backbone_features else " with transformed features"))
+                         + ("" if encoder.predicts_images else " with transformed features it cannot map images to"))
 
 
 def roi_columns(rois: Mapping[str, np.ndarray], voxels: Sequence[int] = ()) -> tuple[list[str], np.ndarray]:
@@ -109,7 +111,7 @@ class Readout:
 
     def __call__(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """features (m, d) -> (m, R) float32."""
-        z = torch.as_tensor(self.encoder.standardise(features))
+        z = torch.as_tensor(self.encoder.head_inputs(features))
         if self.weight is not None:
             return (z @ self.weight.T + self.bias).numpy()
         out = [torch.as_tensor(self.encoder.predict_standardised(z[i:i + self.chunk])) @ self.columns
@@ -199,32 +201,6 @@ def summarize(r: np.ndarray) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- caption probes
-
-
-def text_tokenizer(backbone):
-    """open_clip tokenizer of the backbone's text tower (open_clip models: by model id; others: CLIP BPE)."""
-    import open_clip
-
-    spec = backbone.spec
-    ctx = getattr(backbone.model, "context_length", None)
-    name = spec.model_id if spec.library == "open_clip" else ""
-    return open_clip.get_tokenizer(name, context_length=ctx) if ctx else open_clip.get_tokenizer(name)
-
-
-def text_embeddings(backbone, captions: Sequence[str]) -> np.ndarray:
-    """Unit-norm text embeddings (C, e) of captions with the backbone's text tower (``encode_text``).
-
-    ValueError (one line) if the backbone has no text tower or its tokenizer cannot be loaded.
-    """
-    from analyses.categories import clip_text_embeddings
-
-    if not hasattr(backbone.model, "encode_text"):
-        raise ValueError(f"backbone '{backbone.spec.name}' has no text tower")
-    try:
-        tokenizer = text_tokenizer(backbone)
-    except Exception as err:  # noqa: BLE001  (HF tokenizer files not cached, no network)
-        raise ValueError(f"backbone '{backbone.spec.name}': its tokenizer cannot be loaded ({err})") from None
-    return clip_text_embeddings(backbone.model, tokenizer, list(captions), template="{}")
 
 
 def caption_maps(features: np.ndarray | torch.Tensor, text: np.ndarray) -> np.ndarray:

@@ -262,3 +262,28 @@ def paired_ttest(a: np.ndarray, b: np.ndarray, rois: dict[str, np.ndarray] | Non
             t = p = float("nan")
         out[name] = {"t": t, "p": p, "mean_diff": float((x - y).mean()) if x.size else float("nan"), "n": int(x.size)}
     return out
+
+
+PAIRED_TESTS = ("ttest_rel", "wilcoxon")
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, test: str = "ttest_rel") -> dict:
+    """Paired test of a vs b over voxels (both (n,)); voxels non-finite in either are dropped.
+
+    Returns {"n", "mean_a", "mean_b", "diff", "stat", "p"}: diff = mean(a − b); stat is t
+    (``scipy.stats.ttest_rel``) or the signed-rank W (``scipy.stats.wilcoxon``); two-sided p; stat and p
+    are NaN with fewer than 2 pairs or when a and b are identical.
+    """
+    if test not in PAIRED_TESTS:
+        raise ValueError(f"the paired test (analysis.test) must be one of {PAIRED_TESTS}, got {test!r}")
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    out = {"n": int(a.size), "mean_a": float(a.mean()) if a.size else float("nan"),
+           "mean_b": float(b.mean()) if b.size else float("nan"),
+           "diff": float((a - b).mean()) if a.size else float("nan"), "stat": float("nan"), "p": float("nan")}
+    if a.size < 2 or not np.any(a != b):
+        return out
+    result = scipy.stats.ttest_rel(a, b) if test == "ttest_rel" else scipy.stats.wilcoxon(a, b)
+    out.update(stat=float(result.statistic), p=float(result.pvalue))
+    return out

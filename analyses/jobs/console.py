@@ -1,0 +1,41 @@
+"""Printing for every job: the console, number formatting, tables and progress bars (rich)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def fmt(value, digits: int = 3, spec: str = "f") -> str:
+    """A table cell: None and non-finite floats as "—", floats with ``digits`` (format ``spec``: "f" or "g"),
+    anything else as str."""
+    if value is None or (isinstance(value, (float, np.floating)) and not np.isfinite(value)):
+        return "—"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}{spec}}"
+    return str(value)
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence], right: Sequence[str] = ()) -> Table:
+    """A rich table; ``right``: the columns aligned right (numbers). Cells are printed as given (str)."""
+    out = Table(title=title)
+    for name in columns:
+        out.add_column(name, justify="right" if name in right else "left")
+    for row in rows:
+        out.add_row(*[str(c) for c in row])
+    return out
+
+
+def progress_bar(enabled: bool = True, console: Console | None = None) -> Progress:
+    """A rich progress bar (step counts, elapsed time) shown on a terminal only, so logs stay clean."""
+    console = console or Console()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, console=console, transient=True, disable=not enabled or not console.is_terminal)
+
+
+def print_notes(console: Console, notes: Iterable[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
