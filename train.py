@@ -217,6 +217,7 @@ def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     write_json(run_dir / "run.json", {
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
+        "backbone_spec": backbone.describe(),  # family, model, layers -> modules + pooling, the exact preprocessing
         "head": choices.get("head", type(model.head).__name__), "data": dm.describe(), "features": feature_info,
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
