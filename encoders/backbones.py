@@ -307,7 +307,7 @@ def build_backbone(name: str | None = None, pretrained: bool = False, weights_pa
     paths = {n: ls.module for n, ls in declared.items()} if preset else built.catalog
     hints = {"n_prefix": built.n_prefix, "num_patches": built.num_patches, "nhwc_hint": built.nhwc}
     probed = probe_layers(_freeze(built.model), paths, run_embedding(built.embedding), pre.crop_size,
-                          declared=declared, **hints)
+                          declared=declared, optional=preset is None, **hints)
     spec = BackboneSpec(
         name=src.name, library=family, model_id=preset.model_id if preset else (model or factory), hub_weights=tag, layers=probed,
         default_layers=preset.default_layers if preset else (EMBED,), model_kwargs=kwargs,
@@ -351,7 +351,8 @@ def modules_listing(name: str, image_size: int | None = None) -> str:
     lines.append(f"named layers: {', '.join(bb.spec.layers)}; 'embed' = the model's own image embedding "
                  f"({bb.spec.layers[EMBED].shape if EMBED in bb.spec.layers else '?'})")
     if not_run:
-        lines.append(f"({not_run} modules do not run on an image, e.g. a text tower)")
+        lines.append(f"({not_run} modules do not run on the way to the image embedding, e.g. a timm classifier "
+                     f"after the pre-logits, or a text tower)")
     return "\n".join(lines)
 
 

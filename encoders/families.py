@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from encoders.layers import close_matches
 from encoders.preprocess import (
     Preprocess, from_mapping, from_open_clip_cfg, from_timm_config, from_torchvision_weights, from_transform,
 )
@@ -203,7 +204,7 @@ def _timm_model(src: Source, pretrained: bool) -> nn.Module:
 
     name = _timm_name(src)
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5]
+        close = close_matches(name.split(".")[0], timm.list_models())
         raise ValueError(f"backbone.model: no timm model {name!r}" + (f"; close: {', '.join(close)}" if close else ""))
     if not pretrained:
         return timm.create_model(name, pretrained=False, **src.model_kwargs)
@@ -309,7 +310,7 @@ def _open_clip_model(src: Source, pretrained: bool) -> nn.Module:
         raise ValueError("backbone.model: an open_clip architecture is needed (e.g. ViT-B-32; "
                          "python -c 'import open_clip; print(open_clip.list_models())')")
     if src.model not in open_clip.list_models():
-        close = __import__("difflib").get_close_matches(src.model, open_clip.list_models(), n=5)
+        close = close_matches(src.model, open_clip.list_models())
         raise ValueError(f"backbone.model: no open_clip architecture {src.model!r}"
                          + (f"; close: {', '.join(close)}" if close else ""))
     if pretrained and not src.tag:
@@ -393,7 +394,7 @@ def _torchvision_model(src: Source, pretrained: bool) -> nn.Module:
     if not src.model:
         raise ValueError("backbone.model: a torchvision model name is needed (e.g. alexnet, resnet50, vgg16)")
     if src.model not in torchvision.models.list_models():
-        close = __import__("difflib").get_close_matches(src.model, torchvision.models.list_models(), n=5)
+        close = close_matches(src.model, torchvision.models.list_models())
         raise ValueError(f"backbone.model: no torchvision model {src.model!r}"
                          + (f"; close: {', '.join(close)}" if close else ""))
     if not pretrained:

@@ -270,12 +270,13 @@ def _dummy(model: nn.Module, size: int, batch: int = _PROBE_BATCH) -> torch.Tens
 
 def probe_layers(model: nn.Module, paths: Mapping[str, str], run: Callable[[nn.Module, torch.Tensor], Any],
                  size: int, n_prefix: int = 0, num_patches: int | None = None, nhwc_hint: bool = False,
-                 declared: Mapping[str, LayerSpec] | None = None) -> dict[str, LayerSpec]:
+                 declared: Mapping[str, LayerSpec] | None = None, optional: bool = False) -> dict[str, LayerSpec]:
     """{name: module path ("" = the embedding)} -> {name: LayerSpec} from one dummy forward of 2 images.
 
     n_prefix: the model's prefix tokens; a token layer with exactly ``num_patches`` tokens has none (e.g. a
     ViT's patch embedding). declared: LayerSpecs whose ``pool`` is kept (presets). Widths are those of
-    the auto pooling.
+    the auto pooling. A layer that gives no tensor (a module that does not run in eval mode, such as
+    Inception's auxiliary head) is an error, or left out with ``optional``.
     """
     declared = declared or {}
     calls: dict[str, int] = dict.fromkeys((p for p in paths.values() if p), 0)
@@ -298,8 +299,10 @@ def probe_layers(model: nn.Module, paths: Mapping[str, str], run: Callable[[nn.M
     for name, path in paths.items():
         x = outputs.get(path) if path else _first_tensor(final)
         if x is None:
-            raise RuntimeError(f"layer {name!r} (module {path!r}) did not return a tensor in a forward of "
-                               f"{size}-px images")
+            if optional:
+                continue
+            raise ValueError(f"layer {name!r} (module {path!r}) gives no tensor in a forward of {size}-px images "
+                             f"(it does not run in eval mode, or returns something else)")
         kind, layout, shape = _recognise(x, _PROBE_BATCH, nhwc_hint, _is_batch_first(model, path))
         prefix = 0
         if kind == "tokens":

@@ -327,6 +327,24 @@ def test_open_clip_sequence_first_transformer_gives_batch_first_tokens():
     assert reference.shape == (2, 50 * 768)
 
 
+def test_open_clip_family_spelling_of_an_openai_preset_builds_quickgelu():
+    """open_clip RN50 + tag openai = the clip_rn50 preset (RN50-quickgelu): OpenAI's weights were trained with
+    QuickGELU, which the family spelling builds too (the text tower's activations show it)."""
+    from encoders.feature_cache import weights_fingerprint
+
+    preset = shared("clip_rn50")
+    torch.manual_seed(0)
+    family = build_backbone(family="open_clip", model="RN50", tag="openai", layers="all")
+    assert family.spec.name == "open_clip:RN50/openai" and family.preprocess == preset.preprocess
+    assert weights_fingerprint(family.model) == weights_fingerprint(preset.model)
+    x = images("clip_rn50", n=1)
+    assert torch.equal(family(x), rewrap(preset, layers="all")(x))
+    text = torch.zeros(1, 77, dtype=torch.long)
+    text[0, :3] = torch.tensor([49406, 320, 49407])
+    with torch.no_grad():
+        assert torch.equal(family.model.encode_text(text), preset.model.encode_text(text))
+
+
 # ----------------------------------------------------------------------------- weights files
 
 
