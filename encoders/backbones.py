@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.families import FAMILIES, Source, build_family, display_name, embedding_kind, run_embedding
+from encoders.families import (
+    FAMILIES, Source, build_family, display_name, embedding_kind, model_hints, run_embedding,
+)
 from encoders.layers import (
     EMBED, POOLINGS, HookedForward, LayerSpec, check_pooling, close_matches, effective_pool, module_table,
     pool_features, pooled_width, probe_layers,
@@ -56,14 +58,6 @@ def _freeze(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
-
-
-def _model_hints(model: nn.Module) -> dict[str, Any]:
-    """What probing new layers of this model needs: prefix tokens, patch count, NHWC declaration."""
-    from encoders.families import _num_patches, _prefix_tokens
-
-    return {"n_prefix": _prefix_tokens(model), "num_patches": _num_patches(model),
-            "nhwc_hint": getattr(model, "output_fmt", "") == "NHWC"}
 
 
 class FrozenBackbone(nn.Module):
@@ -152,7 +146,7 @@ class FrozenBackbone(nn.Module):
                              f"--modules {spec.name}")
         if new:
             probed = probe_layers(self.model, new, run_embedding(embedding_kind(self.model)),
-                                  spec.preprocess.crop_size, **_model_hints(self.model))
+                                  spec.preprocess.crop_size, **model_hints(self.model))
             self.spec = replace(spec, layers={**spec.layers, **probed})
         return layers
 
@@ -305,13 +299,13 @@ def build_backbone(name: str | None = None, pretrained: bool = False, weights_pa
                                           mean=pick("mean", mean), std=pick("std", std))
     declared = preset.layers if preset else {}
     paths = {n: ls.module for n, ls in declared.items()} if preset else built.catalog
-    hints = {"n_prefix": built.n_prefix, "num_patches": built.num_patches, "nhwc_hint": built.nhwc}
+    hints = model_hints(built.model)
     probed = probe_layers(_freeze(built.model), paths, run_embedding(built.embedding), pre.crop_size,
                           declared=declared, optional=preset is None, **hints)
     spec = BackboneSpec(
         name=src.name, library=family, model_id=preset.model_id if preset else (model or factory), hub_weights=tag, layers=probed,
         default_layers=preset.default_layers if preset else (EMBED,), model_kwargs=kwargs,
-        n_prefix_tokens=built.n_prefix, factory=factory, preprocess=pre,
+        n_prefix_tokens=hints["n_prefix"], factory=factory, preprocess=pre,
         preprocess_defaults=dict(defaults), preprocess_source=built.preprocess_source)
     return FrozenBackbone(spec, built.model, layers=layers, pooling=pooling, normalize=normalize)
 

@@ -47,7 +47,8 @@ from encoders.weights import (
     load_weights_file, not_cached_error, torch_hub_checkpoint, unreachable_reason,
 )
 
-__all__ = ["FAMILIES", "Source", "Built", "build_family", "display_name", "run_embedding", "embedding_kind"]
+__all__ = ["FAMILIES", "Source", "Built", "build_family", "display_name", "run_embedding", "embedding_kind",
+           "model_hints"]
 
 FAMILIES = ("timm", "open_clip", "torchvision", "custom")
 CUSTOM_DEFAULT = Preprocess(224, 224, "shortest", "bilinear")
@@ -79,8 +80,7 @@ class Built:
 
     preprocess: the library's eval preprocessing (with ``image_size`` applied); preprocess_source: where it
     came from; catalog: the named layers {name: module path}, in forward order ("" = the embedding);
-    embedding: how to run it ("open_clip" encode_image | "timm" pre-logits | "call"); n_prefix: prefix tokens
-    of its token layers; num_patches: patch tokens of its ViT grid, if known; nhwc: it declares NHWC maps.
+    embedding: how to run it ("open_clip" encode_image | "timm" pre-logits | "call").
     """
 
     model: nn.Module
@@ -88,9 +88,6 @@ class Built:
     preprocess_source: str
     catalog: dict[str, str]
     embedding: str
-    n_prefix: int = 0
-    num_patches: int | None = None
-    nhwc: bool = False
 
 
 def display_name(family: str, model: str | None, tag: str | None = None, factory: str | None = None) -> str:
@@ -145,6 +142,13 @@ def _num_patches(model: nn.Module) -> int | None:
         if isinstance(grid, (tuple, list)) and len(grid) == 2:
             return int(grid[0]) * int(grid[1])
     return None
+
+
+def model_hints(model: nn.Module) -> dict[str, Any]:
+    """What reading a model's layers needs to know about it: its prefix tokens, the patch tokens of its
+    grid (None if unknown) and whether it declares channels-last (NHWC) maps (timm ``output_fmt``)."""
+    return {"n_prefix": _prefix_tokens(model), "num_patches": _num_patches(model),
+            "nhwc_hint": getattr(model, "output_fmt", "") == "NHWC"}
 
 
 def _children_catalog(model: nn.Module) -> dict[str, str]:
@@ -241,8 +245,7 @@ def _build_timm(src: Source, image_size: int | None) -> Built:
     model = _load(src, _timm_model, adapt_timm_state_dict)
     pre, where = _timm_preprocess(model, image_size)
     catalog = _feature_info_catalog(model) or _children_catalog(model)
-    return Built(model, pre, where, _with_embed(catalog), embedding_kind(model), _prefix_tokens(model),
-                 _num_patches(model), getattr(model, "output_fmt", "") == "NHWC")
+    return Built(model, pre, where, _with_embed(catalog), embedding_kind(model))
 
 
 # ----------------------------------------------------------------------------- open_clip
@@ -353,8 +356,7 @@ def _open_clip_preprocess(model: nn.Module, image_size: int | None) -> tuple[Pre
 def _build_open_clip(src: Source, image_size: int | None) -> Built:
     model = _load(src, _open_clip_model, adapt_open_clip_state_dict, allow_torchscript=True)
     pre, where = _open_clip_preprocess(model, image_size)
-    return Built(model, pre, where, _with_embed(_open_clip_catalog(model)), "open_clip", _prefix_tokens(model),
-                 _num_patches(model))
+    return Built(model, pre, where, _with_embed(_open_clip_catalog(model)), "open_clip")
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -420,8 +422,7 @@ def _build_torchvision(src: Source, image_size: int | None) -> Built:
         pre, where = Preprocess(224, 256, "shortest", "bilinear"), "torchvision ImageNet default (no weights enum)"
     if image_size:
         pre = pre.with_overrides(image_size=image_size)
-    return Built(model, pre, where, _with_embed(_children_catalog(model)), "call", _prefix_tokens(model),
-                 _num_patches(model))
+    return Built(model, pre, where, _with_embed(_children_catalog(model)), "call")
 
 
 # ----------------------------------------------------------------------------- custom
@@ -510,8 +511,7 @@ def _build_custom(src: Source, image_size: int | None) -> Built:
     model = _load(src, make, None)
     pre, where = _custom_preprocess(model, given[0], image_size)
     catalog = _feature_info_catalog(model) or _children_catalog(model)
-    return Built(model, pre, where, _with_embed(catalog), embedding_kind(model), _prefix_tokens(model),
-                 _num_patches(model), getattr(model, "output_fmt", "") == "NHWC")
+    return Built(model, pre, where, _with_embed(catalog), embedding_kind(model))
 
 
 # ----------------------------------------------------------------------------- entry

@@ -11,7 +11,8 @@ transform, torchvision ``weights.transforms()``, open_clip's preprocess cfg), an
 is built from the spec alone, so two runs with equal specs preprocess identically and the spec can be
 applied elsewhere (e.g. as batched tensor ops). The libraries apply their transforms to PIL images; this
 one resizes uint8 tensors with the same interpolation kernels (antialiased, rounded back to uint8 like
-PIL): tests/test_preprocess.py measures the difference against each library's transform object.
+PIL): on photographs the two agree within 1 uint8 level for all but a few pixels (at most 2 levels;
+0.005 levels on average), measured against each library's transform object in tests/test_preprocess.py.
 """
 from __future__ import annotations
 

@@ -308,6 +308,18 @@ def test_custom_weights_path_round_trip(tmp_path):
     assert torch.equal(loaded(x), bb(x))
 
 
+@pytest.mark.parametrize("source", [dict(family="timm", model="resnet18"),
+                                    dict(family="open_clip", model="RN50", tag="openai"),
+                                    dict(family="torchvision", model="alexnet")], ids=lambda s: s["family"])
+def test_family_pretrained_offline_fails_fast(tmp_path, monkeypatch, source):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(WeightsError, match="weights_path"):
+        build_backbone(pretrained=True, **source)
+
+
 # ----------------------------------------------------------------------------- the module lister
 
 

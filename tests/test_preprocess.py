@@ -1,9 +1,10 @@
 """The preprocessing spec: read from each library, and the transform built from it against the library's
 own transform object on real photographs.
 
-Tolerance (measured, documented in encoders/preprocess.py): the libraries resize PIL images, we resize
-uint8 tensors with the same antialiased kernels; per pixel the two differ by at most 2 uint8 levels
-(1 in almost every case), and by < 0.02 levels on average.
+Tolerance: the libraries resize PIL images, we resize uint8 tensors with the same antialiased kernels.
+Measured on these photographs (torch 2.14 / torchvision 0.29 / PIL, 2 cores): at most 2 uint8 levels on
+one pixel, 1 level on all others, 0.005 levels on average. Asserted with margin: <= 3 levels, under 0.1 %
+of the values more than 1 level apart, < 0.02 levels on average.
 """
 from dataclasses import asdict
 
@@ -17,7 +18,7 @@ from encoders.preprocess import (
     from_torchvision_weights, from_transform,
 )
 
-MAX_LEVELS, MEAN_LEVELS = 2.0, 0.02
+MAX_LEVELS, MEAN_LEVELS, SHARE_OVER_ONE = 3.0, 0.02, 1e-3
 
 
 def photographs() -> dict[str, Image.Image]:
@@ -68,6 +69,7 @@ def test_transform_matches_the_library_transform_on_photographs(case):
         assert ours.shape == theirs.shape == (3, spec.crop_size, spec.crop_size), label
         diff = levels(ours, theirs, spec.std)
         assert diff.max() <= MAX_LEVELS and diff.mean() < MEAN_LEVELS, (label, float(diff.max()), float(diff.mean()))
+        assert (diff > 1.01).float().mean() < SHARE_OVER_ONE, label
         assert torch.equal(transform(image), ours)  # PIL in, the same
 
 
