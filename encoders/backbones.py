@@ -293,10 +293,13 @@ def build_backbone(name: str | None = None, pretrained: bool = False, weights_pa
     kwargs = {**(preset.model_kwargs if preset else {}), **dict(model_kwargs or {})}
     src = Source(family, model, tag, factory, bool(pretrained), None if weights_path is None else str(weights_path),
                  kwargs, preset.name if preset else "")
-    built = build_family(src, image_size=pick("image_size", image_size))
-    pre = built.preprocess.with_overrides(crop_pct=pick("crop_pct", crop_pct),
-                                          interpolation=pick("interpolation", interpolation),
-                                          mean=pick("mean", mean), std=pick("std", std))
+    overrides = {key: pick(key, value) for key, value in (("image_size", image_size), ("crop_pct", crop_pct),
+                                                           ("interpolation", interpolation), ("mean", mean),
+                                                           ("std", std))}
+    built = build_family(src, image_size=overrides["image_size"])
+    pre = built.preprocess.with_overrides(**{k: v for k, v in overrides.items() if k != "image_size"})
+    given = ", ".join(f"{k}={v}" for k, v in overrides.items() if v is not None)
+    source = built.preprocess_source + (f", with {given}" if given else "")
     declared = preset.layers if preset else {}
     paths = {n: ls.module for n, ls in declared.items()} if preset else built.catalog
     hints = model_hints(built.model)
@@ -306,7 +309,7 @@ def build_backbone(name: str | None = None, pretrained: bool = False, weights_pa
         name=src.name, library=family, model_id=preset.model_id if preset else (model or factory), hub_weights=tag, layers=probed,
         default_layers=preset.default_layers if preset else (EMBED,), model_kwargs=kwargs,
         n_prefix_tokens=hints["n_prefix"], factory=factory, preprocess=pre,
-        preprocess_defaults=dict(defaults), preprocess_source=built.preprocess_source)
+        preprocess_defaults=dict(defaults), preprocess_source=source)
     return FrozenBackbone(spec, built.model, layers=layers, pooling=pooling, normalize=normalize)
 
 

@@ -117,6 +117,8 @@ def _to_rgb_tensor(image: Any) -> torch.Tensor:
         x = image if image.ndim == 3 else image[None]
     else:
         arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        if arr.dtype != np.uint8:  # a float image in 0..255 (or 0..1) would pass the scaling step unscaled
+            raise ValueError(f"image array has dtype {arr.dtype}, expected uint8 (H, W, 3) RGB 0..255")
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if not arr.flags.writeable:
@@ -125,7 +127,7 @@ def _to_rgb_tensor(image: Any) -> torch.Tensor:
             raise ValueError(f"expected an image (H, W) or (H, W, C), got shape {arr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if x.dtype != torch.uint8:
-        raise ValueError(f"expected a uint8 image, got {x.dtype}")
+        raise ValueError(f"image tensor has dtype {x.dtype}, expected uint8 (3, H, W) RGB 0..255")
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     elif x.shape[0] == 4:
