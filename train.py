@@ -211,6 +211,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     run.write_info({
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
+        "backbone_spec": backbone.describe(),  # family, model, layers -> modules + pooling, the exact preprocessing
         "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
         "features": {**feature_info, "transform": model.transform.describe()},
         "time_series": bool(getattr(dm, "time_series", False)),

@@ -281,7 +281,7 @@ def default_method(backbone) -> str:
     """BrainSAIL's choice: NACLIP for CLIP ViTs (a CLS token and no registers), MaskCLIP otherwise
     (DINOv2 / SigLIP, whose registers or attention pooling were not tried with NACLIP's CSA)."""
     spec = getattr(backbone, "spec", None)
-    name = getattr(spec, "name", "")
+    name = str(getattr(spec, "name", "")).lower()  # presets ("clip_vitb16") and families ("open_clip:ViT-B-16-SigLIP/webli")
     return "naclip" if "clip" in name and "siglip" not in name else "maskclip"
 
 

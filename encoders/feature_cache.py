@@ -1,8 +1,9 @@
 """On-disk HDF5 cache of frozen-backbone features, keyed by everything that determines them.
 
-Key = hash of (backbone name, a fingerprint of its actual weights, layers, pooling, normalisation,
-preprocessing, the stimulus source and the stimulus ids). One file per key:
-``<dir>/<backbone>-<key[:16]>.h5`` with datasets ``features`` (n, n_features) float32 and ``ids`` (n,),
+Key = hash of (backbone name, a fingerprint of its actual weights, the backbone's description: family,
+model, tag, each layer's module path, pooling and width, normalisation and the full preprocessing spec;
+the stimulus source and the stimulus ids). One file per key: ``<dir>/<backbone>-<key[:16]>.h5``
+(the name made file-safe) with datasets ``features`` (n, n_features) float32 and ``ids`` (n,),
 and the full key description in its attributes.
 
 Writing is atomic: extraction streams into ``<file>.partial`` (rows flushed, then ``n_done``
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,16 +51,17 @@ def weights_fingerprint(module: nn.Module) -> str:
 
 
 def feature_key(backbone, stimuli: dict, ids: np.ndarray) -> dict:
-    """The description whose hash is the cache key: backbone + weights + layers + preprocessing + stimuli."""
-    t = backbone.transform
+    """The description whose hash is the cache key: backbone + weights + layers + preprocessing + stimuli.
+
+    ``backbone.describe()`` gives each layer's module path, pooling and width and the exact preprocessing
+    (Preprocess fields), so two layers or two transforms never share an entry."""
     return {
         "backbone": backbone.spec.name,
         "weights": weights_fingerprint(backbone.model),
         "layers": list(backbone.layers),
-        "pooling": backbone.pooling,
         "normalize": bool(backbone.normalize),
         "n_features": int(backbone.n_features),
-        "preprocessing": {"size": t.size, "mean": list(t.mean), "std": list(t.std), "interpolation": t.interpolation},
+        "spec": backbone.describe(),
         "stimuli": stimuli,
         "ids_sha": hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest(),
         "n_ids": int(len(ids)),
@@ -87,7 +90,8 @@ class FeatureCache:
         self.batch_size = batch_size
 
     def path_for(self, description: dict) -> Path:
-        return self.directory / f"{description['backbone']}-{key_hash(description)[:16]}.h5"
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(description["backbone"])).strip("_.") or "backbone"
+        return self.directory / f"{safe}-{key_hash(description)[:16]}.h5"
 
     def load_or_build(self, backbone, ids: np.ndarray, stimuli: dict,
                       make_loader: Callable[[np.ndarray], DataLoader], device: str = "cpu") -> CacheResult:

@@ -1,11 +1,12 @@
-"""Backbone registry: widths, freezing, pooling, weights files, offline behaviour, preprocessing."""
+"""Backbone presets: widths, freezing, pooling, weights files, offline behaviour, preprocessing."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import math  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -36,7 +37,7 @@ def rewrap(bb: FrozenBackbone, **kwargs) -> FrozenBackbone:
 
 
 def images(name: str, n: int = 2, seed: int = 0) -> torch.Tensor:
-    size = REGISTRY[name].input_size
+    size = shared(name).preprocess.crop_size if name in SHARED else NSD_PREPROCESS[name][0]
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -53,36 +54,44 @@ def _small_threads():
 
 
 def library_preprocess(bb: FrozenBackbone) -> dict:
-    """mean/std/interpolation/size as the library itself resolves them for this model."""
+    """crop/resize/interpolation/mean/std as the library itself resolves them for this model."""
     spec, model = bb.spec, bb.model
     if spec.library == "open_clip":
-        import open_clip
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-        cfg = merge_preprocess_dict(asdict(PreprocessCfg()),
-                                    open_clip.get_pretrained_cfg(spec.model_id, spec.hub_weights))
-        assert tuple(model.visual.image_mean) == tuple(cfg["mean"])  # attached to the model too
-        size = model.visual.image_size
-        return dict(mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"],
-                    size=size[0] if isinstance(size, tuple) else size)
+        cfg = model.visual.preprocess_cfg  # open_clip attaches the tag's cfg at the tower's size
+        size = cfg["size"][0] if isinstance(cfg["size"], tuple) else cfg["size"]
+        return dict(mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"], crop=size,
+                    resize=size, mode=cfg["resize_mode"])
     if spec.library == "torchvision":
         import torchvision
 
-        tf = torchvision.models.get_weight(spec.hub_weights).transforms()
-        return dict(mean=tf.mean, std=tf.std, interpolation=tf.interpolation.value,
-                    size=tf.crop_size[0])
+        tf = torchvision.models.get_model_weights(spec.model_id)[spec.hub_weights].transforms()
+        return dict(mean=tf.mean, std=tf.std, interpolation=tf.interpolation.value, crop=tf.crop_size[0],
+                    resize=tf.resize_size[0], mode="shortest")
     if spec.name == "tiny":
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                    interpolation="bilinear", size=64)
+        return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bilinear", crop=64,
+                    resize=64, mode="shortest")
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
-    # timm keeps the pretrained cfg's input_size (518 for DINOv2) when a model is
-    # built with another img_size: the size the model really takes is patch_embed's.
+    # timm keeps the pretrained cfg's input_size (518 for DINOv2) when a model is built with another
+    # img_size: the size the model really takes is patch_embed's.
     size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else cfg["input_size"][1]
-    return dict(mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"], size=size)
+    return dict(mean=cfg["mean"], std=cfg["std"], interpolation=cfg["interpolation"], crop=size,
+                resize=math.floor(size / cfg["crop_pct"]), mode="shortest")
+
+
+# What a square 425x425 NSD image goes through for each preset (the README's table):
+# (crop, resize, resize mode, interpolation).
+NSD_PREPROCESS = {
+    "tiny": (64, 64, "shortest", "bilinear"), "tiny_vit": (64, 64, "shortest", "bicubic"),
+    "tiny_clip": (64, 64, "shortest", "bicubic"),
+    "resnet50": (224, 256, "shortest", "bilinear"), "alexnet": (224, 256, "shortest", "bilinear"),
+    "clip_rn50": (224, 224, "shortest", "bicubic"), "clip_vitb32": (224, 224, "shortest", "bicubic"),
+    "clip_vitb16": (224, 224, "shortest", "bicubic"), "dino_vitb16": (224, 248, "shortest", "bicubic"),
+    "dinov2_vitb14": (224, 224, "shortest", "bicubic"), "siglip_vitb16": (224, 224, "squash", "bicubic"),
+}
 
 
 def library_prefix_tokens(bb: FrozenBackbone) -> int:
@@ -112,7 +121,7 @@ def test_registry_names_and_specs():
 
 @pytest.mark.parametrize("name", ALL)
 def test_entry_builds_with_spec_widths_and_preprocessing(name):
-    spec = REGISTRY[name]
+    spec = REGISTRY[name]  # the declared widths, checked against the built model's
     bb = shared(name) if name in SHARED else build_backbone(name, layers="all")
     x = images(name)
     feats = bb.forward_layers(x)
@@ -129,23 +138,24 @@ def test_entry_builds_with_spec_widths_and_preprocessing(name):
 
     image = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     t = bb.transform(image)
-    assert type(t) is torch.Tensor and t.shape == (3, spec.input_size, spec.input_size)
-    assert t.dtype == torch.float32
+    crop, resize, mode, interpolation = NSD_PREPROCESS[name]
+    assert type(t) is torch.Tensor and t.shape == (3, crop, crop) and t.dtype == torch.float32
 
-    lib = library_preprocess(bb)
-    assert tuple(spec.mean) == pytest.approx(tuple(lib["mean"]))
-    assert tuple(spec.std) == pytest.approx(tuple(lib["std"]))
-    assert spec.interpolation == lib["interpolation"] and spec.input_size == lib["size"]
-    assert spec.n_prefix_tokens == library_prefix_tokens(bb)
-    if spec.n_prefix_tokens == 0 and "blocks.1" in spec.layers:  # no CLS: auto = patch-token mean
+    p, lib = bb.preprocess, library_preprocess(bb)
+    assert (p.crop_size, p.resize_size, p.resize_mode, p.interpolation) == (crop, resize, mode, interpolation)
+    assert (lib["crop"], lib["resize"], lib["mode"], lib["interpolation"]) == (crop, resize, mode, interpolation)
+    assert p.mean == pytest.approx(tuple(lib["mean"])) and p.std == pytest.approx(tuple(lib["std"]))
+    assert bb.spec.input_size == crop and bb.spec.mean == p.mean  # the fields analyses read
+    assert bb.spec.n_prefix_tokens == library_prefix_tokens(bb)
+    if bb.spec.n_prefix_tokens == 0 and "blocks.1" in spec.layers:  # no CLS: auto = patch-token mean
         tokens = rewrap(bb, layers=["blocks.1"], pooling="flatten")(x).reshape(2, -1, 768)
         torch.testing.assert_close(feats["blocks.1"], tokens.mean(dim=1))
 
 
 @pytest.mark.parametrize("name", ["tiny_vit", "clip_vitb32"])
 def test_auto_token_pooling_is_cls_or_patch_mean(name):
-    spec = REGISTRY[name]
     bb = shared(name)
+    spec = bb.spec
     x = images(name)
     auto = rewrap(bb, layers=["blocks.1"])(x)
     tokens = rewrap(bb, layers=["blocks.1"], pooling="flatten")(x).reshape(2, -1, spec.layers["blocks.1"].width)
@@ -191,10 +201,19 @@ def test_pooling_modes_tiny_cnn():
     flat = rewrap(bb, layers=["conv1", "embed"], pooling="flatten")
     assert flat.feature_dims == {"conv1": 16 * 32 * 32, "embed": 64}
     torch.testing.assert_close(flat.forward_layers(x)["conv1"], conv1.flatten(1))
+    torch.testing.assert_close(rewrap(bb, layers=["conv1"], pooling="max")(x), conv1.amax(dim=(2, 3)))
+    grid = rewrap(bb, layers=["conv1"], pooling="avg2x2")  # 32x32 map -> 2x2 blocks of 16x16
+    assert grid.n_features == 16 * 4
+    blocks = conv1.reshape(2, 16, 2, 16, 2, 16).mean(dim=(3, 5))
+    torch.testing.assert_close(grid(x), blocks.flatten(1))
+    per_layer = rewrap(bb, layers=["conv1", "conv3"], pooling={"conv1": "flatten"})  # conv3: auto = avg
+    assert per_layer.feature_dims == {"conv1": 16 * 32 * 32, "conv3": 64}
     with pytest.raises(ValueError, match="cls"):
         rewrap(bb, layers=["conv2"], pooling="cls")
     with pytest.raises(ValueError, match="pooling"):
-        rewrap(bb, pooling="max")
+        rewrap(bb, pooling="median")
+    with pytest.raises(ValueError, match="not in backbone.layers"):
+        rewrap(bb, layers=["conv1"], pooling={"conv2": "avg"})
 
 
 def test_pooling_modes_tiny_vit():
@@ -205,6 +224,10 @@ def test_pooling_modes_tiny_vit():
     tokens = flat(x).reshape(2, 65, 64)
     torch.testing.assert_close(rewrap(bb, layers=["blocks.0"], pooling="cls")(x), tokens[:, 0])
     torch.testing.assert_close(rewrap(bb, layers=["blocks.0"], pooling="avg")(x), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(rewrap(bb, layers=["blocks.0"], pooling="max")(x), tokens[:, 1:].amax(1))
+    grid = tokens[:, 1:].reshape(2, 8, 8, 64).permute(0, 3, 1, 2)  # the 8x8 patch grid, row-major
+    torch.testing.assert_close(rewrap(bb, layers=["blocks.0"], pooling="avg4x4")(x),
+                               grid.reshape(2, 64, 4, 2, 4, 2).mean(dim=(3, 5)).flatten(1))
     embed = rewrap(bb, layers=["embed"])(x)
     torch.testing.assert_close(embed, bb.model.forward_head(bb.model.forward_features(x), pre_logits=True))
 
@@ -221,13 +244,27 @@ def test_normalize_gives_unit_norm_per_layer(name):
         torch.testing.assert_close(out[:, sl].norm(dim=1), torch.ones(2), msg=layer)
 
 
-def test_unknown_names_raise_value_error():
-    with pytest.raises(ValueError, match=r"conv1.*conv2.*conv3.*embed"):
+def test_unknown_names_raise_one_line_with_close_matches():
+    with pytest.raises(ValueError, match=r"'conv9': close matches conv1, conv2, conv3") as err:
         build_backbone("tiny", layers=["conv9"])
-    with pytest.raises(ValueError, match="blocks.1"):
+    assert "\n" not in str(err.value) and "--modules tiny" in str(err.value)
+    with pytest.raises(ValueError, match=r"'blocks\.7': close matches blocks\.0, blocks\.1"):
         rewrap(shared("tiny_vit"), layers=["blocks.7", "embed"])
     with pytest.raises(ValueError, match="resnet50"):
         build_backbone("resnet5")
+    with pytest.raises(ValueError, match="is a preset"):
+        build_backbone("alexnet", model="vgg16")
+
+
+def test_preset_layers_by_module_path():
+    """A preset reads any module of its model too: conv3's ReLU in-place output equals the named conv3."""
+    bb = shared("alexnet")
+    x = images("alexnet")
+    by_path = rewrap(bb, layers=["features.7", "conv3", "features.8"])
+    feats = by_path.forward_layers(x)
+    torch.testing.assert_close(feats["features.7"], feats["conv3"])
+    torch.testing.assert_close(feats["features.8"], bb.model.features[:9](x).mean(dim=(2, 3)))
+    assert by_path.spec.layers["features.8"].shape == (256, 13, 13)
 
 
 def test_tiny_backbones_are_tiny():
@@ -278,13 +315,34 @@ def test_open_clip_sequence_first_transformer_gives_batch_first_tokens():
         transformer.batch_first = False
         for attn in attns:
             attn.batch_first = False
-        seq_first = rewrap(bb, layers=["blocks.2"], pooling="flatten")
+        # a fresh probe of the module (a built spec records each layer's layout)
+        seq_first = FrozenBackbone(replace(bb.spec, layers={}), bb.model,
+                                   layers=["visual.transformer.resblocks.2"], pooling="flatten")
+        assert seq_first.spec.layers["visual.transformer.resblocks.2"].layout == "lnd"
         torch.testing.assert_close(seq_first(x), reference, rtol=1e-4, atol=1e-5)
     finally:
         transformer.batch_first = True
         for attn in attns:
             attn.batch_first = True
     assert reference.shape == (2, 50 * 768)
+
+
+def test_open_clip_family_spelling_of_an_openai_preset_builds_quickgelu():
+    """open_clip RN50 + tag openai = the clip_rn50 preset (RN50-quickgelu): OpenAI's weights were trained with
+    QuickGELU, which the family spelling builds too (the text tower's activations show it)."""
+    from encoders.feature_cache import weights_fingerprint
+
+    preset = shared("clip_rn50")
+    torch.manual_seed(0)
+    family = build_backbone(family="open_clip", model="RN50", tag="openai", layers="all")
+    assert family.spec.name == "open_clip:RN50/openai" and family.preprocess == preset.preprocess
+    assert weights_fingerprint(family.model) == weights_fingerprint(preset.model)
+    x = images("clip_rn50", n=1)
+    assert torch.equal(family(x), rewrap(preset, layers="all")(x))
+    text = torch.zeros(1, 77, dtype=torch.long)
+    text[0, :3] = torch.tensor([49406, 320, 49407])
+    with torch.no_grad():
+        assert torch.equal(family.model.encode_text(text), preset.model.encode_text(text))
 
 
 # ----------------------------------------------------------------------------- weights files
@@ -415,6 +473,6 @@ def test_backbone_survives_deepcopy_and_pickle():
 
 
 def test_cli_prints_registry(capsys):
-    main()
+    main([])
     out = capsys.readouterr().out
-    assert all(name in out for name in ALL) and "blocks.11 (768)" in out
+    assert all(name in out for name in ALL) and "blocks.11 (768)" in out and "families: timm" in out

@@ -5,12 +5,15 @@ import pytest
 from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
-BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
+BACKBONE_FILES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
+FAMILY_FILES = ("timm", "open_clip", "torchvision", "custom")
+BACKBONES = [b for b in BACKBONE_FILES if b not in (*FAMILY_FILES, "base")]  # the presets
 
 
 def test_backbone_configs_match_the_registry():
-    from encoders.backbones import list_backbones
-    assert set(BACKBONES) == set(list_backbones())
+    from encoders.backbones import FAMILIES, list_backbones
+    assert set(BACKBONES) == set(list_backbones()) and set(FAMILY_FILES) == set(FAMILIES)
+    assert set(BACKBONE_FILES) == {*BACKBONES, *FAMILY_FILES, "base"}
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

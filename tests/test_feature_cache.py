@@ -65,6 +65,39 @@ def test_anything_that_changes_features_changes_the_key(tmp_path):
     assert len(keys) == 6 and len(list(tmp_path.glob("*.h5"))) == 6
 
 
+def test_different_layers_or_transforms_never_share_an_entry(tmp_path):
+    """The key holds each layer's module and pooling and the exact preprocessing spec: a change to any of
+    them is another entry, even where (as here, images fed directly) the features would not change."""
+    def tiny(**kwargs):
+        torch.manual_seed(0)
+        return build_backbone("tiny", **{"layers": ["conv2"], **kwargs})
+
+    base = tiny()
+    cache = FeatureCache(tmp_path)
+    ids = np.arange(16)
+    first = cache.load_or_build(base, ids, STIMULI, loader)
+    assert cache.load_or_build(tiny(), ids, STIMULI, loader).status == "hit"  # the same build: the same entry
+    variants = {
+        "a module path": tiny(layers=["conv2.0"]),  # the conv before its BatchNorm
+        "another pooling": tiny(pooling="max"),
+        "a grid pooling": tiny(pooling="avg2x2"),
+        "crop_pct": tiny(crop_pct=0.875),
+        "image_size": tiny(image_size=48),
+        "interpolation": tiny(interpolation="bicubic"),
+        "mean": tiny(mean=[0.5, 0.5, 0.5]),
+    }
+    keys = {first.key}
+    for what, backbone in variants.items():
+        result = cache.load_or_build(backbone, ids, STIMULI, loader)
+        assert result.status == "built" and result.key not in keys, what
+        keys.add(result.key)
+    described = json.loads(h5py.File(first.path, "r").attrs["description"])["spec"]
+    assert described["layers"] == {"conv2": {"module": "conv2", "pooling": "avg", "width": 32}}
+    assert described["preprocess"] == {"crop_size": 64, "resize_size": 64, "resize_mode": "shortest",
+                                       "interpolation": "bilinear", "antialias": True,
+                                       "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
 def test_a_cache_whose_stored_key_differs_is_rebuilt_not_used(tmp_path, caplog):
     torch.manual_seed(0)
     backbone = build_backbone("tiny")

@@ -99,4 +99,5 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
         run_ids.append(wb.id)
         wb.finish()
         bar.advance(task)
+    wandb.teardown()
     return Logged(mode, base / "wandb", run_dirs, run_ids)
