@@ -44,7 +44,7 @@ from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
 from encoders.extract import extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
-from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
+from encoders.metrics import NC_THRESHOLD, headline, nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402,E501
 from encoders.model import EncodingModel  # noqa: E402
 from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
 from encoders.run_record import git_commit, package_versions  # noqa: E402
@@ -194,7 +194,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         nc = noise_ceiling(dm.ncsnr(), noise_ceiling_k(dm.n_repeats(split)))
         nc_r2 = nc_normalised_r2(scores["r2"], nc)
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
-        metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
+        metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois, nc=nc, nc_threshold=nc_threshold(cfg))
         predictions[split] = pred
     run.write_voxel_metrics(per_split, dm.data.voxel_xyz, dm.rois)
     run.write_split(cfg.seed, dm.subject, dm.split_ids)
@@ -243,6 +243,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
     check_precision(cfg)
+    nc_threshold(cfg)
     return run, resume_from
 
 
@@ -296,10 +297,21 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
         return TrainResult(None, model, dm, run_dir)
     metrics = write_run(run, cfg, dm, model.cpu(), features, model.backbone, started, feature_info)
     run.clear_failure()  # an earlier failed attempt in this directory
-    log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
-             metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
+    log.info("test: %s -> %s", headline(metrics["test"]), run_dir)
     run_analysis_jobs(cfg, run_dir)
     return TrainResult(metrics, model, dm, run_dir)
+
+
+def nc_threshold(cfg: DictConfig) -> float:
+    """metrics.nc_threshold (% of variance, 0 <= t < 100): the noise ceiling above which a voxel is "reliable"."""
+    value = OmegaConf.select(cfg, "metrics.nc_threshold", default=NC_THRESHOLD)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"metrics.nc_threshold must be a number (% of variance), got {value!r}") from None
+    if not 0 <= value < 100:
+        raise ConfigError(f"metrics.nc_threshold must be in [0, 100) (% of variance), got {value:g}")
+    return value
 
 
 # Lightning precisions that keep the head in float32: only the backbone autocasts (EncodingModel).

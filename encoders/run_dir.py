@@ -17,8 +17,10 @@ Layout (users and scripts rely on it)::
                          (mode, cache file, and what turned backbone outputs into head inputs), time_series,
                          seed, git commit, package versions, world size, wall time
     split.json           {"seed", "subject", "id_base", "train": [ids], "val": [...], "test": [...]}
-    metrics.json         {"<split>": {"r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan",
-                                      "rois": {"<ROI>": {same keys}}}, ...}
+    metrics.json         {"<split>": {"<m>_mean", "<m>_median", "<m>_mean_reliable" for m in r, r2, nc_r2;
+                                      "n_reliable", "n_voxels", "n_nan", "nc_threshold",
+                                      "rois": {"<ROI>": {same keys but nc_threshold}}}, ...}
+                         (encoders.metrics.summarize: reliable = noise ceiling > nc_threshold %)
     voxel_metrics.npz    per split "<split>_r", "<split>_r2", "<split>_nc" (noise ceiling, % of variance),
                          "<split>_nc_r2"; "voxel_xyz" (n_voxels, k); one bool mask "roi_<name>" per ROI
     predictions.npz      per split "<split>_pred", "<split>_true" (n, n_voxels), "<split>_ids" (n,)
