@@ -10,8 +10,8 @@ from the environment: wandb itself refuses it); any other value is a ``WandbMode
 
 Before an online run starts, ``effective_mode`` asks the W&B server (``WANDB_BASE_URL``, else wandb's default
 server) for any HTTP answer, for at most ``probe_timeout`` seconds (DNS, connect and answer together, in a
-thread). Without one the run goes offline with one warning line, and every later run of the process does too
-without asking again: a missing network costs seconds, not wandb's 90 s init timeout and a traceback.
+thread). Without one the run goes offline with one warning line, and every later run of the process does too,
+without asking again or repeating the warning: a missing network costs seconds, not wandb's 90 s init timeout and a traceback.
 train.py's logger (encoders.wandb_run.TrainingLogger) and every analysis job that logs use this.
 """
 from __future__ import annotations
@@ -100,15 +100,16 @@ class ModeDecision:
 
 
 def effective_mode(probe_timeout: float = PROBE_TIMEOUT_S, requested: str | None = None) -> ModeDecision:
-    """``requested`` (default ``wandb_mode()``), but "offline" with a warning when it is "online" and the W&B
-    server does not answer within ``probe_timeout`` seconds (or did not earlier in this process)."""
+    """``requested`` (default ``wandb_mode()``), but "offline" when it is "online" and the W&B server does not
+    answer within ``probe_timeout`` seconds — with the warning line the first time in this process, without it
+    (and without asking again) afterwards."""
     mode = requested or wandb_mode()
     if mode != "online":
         return ModeDecision(mode)
     url = server_url()
-    reason = _unreachable.get(url)
-    if reason is None:
-        reason = probe(url, float(probe_timeout))
+    if url in _unreachable:  # said once already in this process
+        return ModeDecision("offline", None, url)
+    reason = probe(url, float(probe_timeout))
     if reason is None:
         return ModeDecision("online", url=url)
     mark_unreachable(url, reason)

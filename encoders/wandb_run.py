@@ -110,7 +110,8 @@ def init_run(*, directory: str | os.PathLike, project: str, group: str, name: st
     except Exception as err:  # wandb's errors (CommError, AuthenticationError, timeouts) share no useful base
         if decision.mode != "online":
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        reason = f"{type(err).__name__}: {message}" if message else type(err).__name__
         log.warning("W&B could not start an online run (%s); logging offline instead", reason)
         mark_unreachable(decision.url or "", reason)
         return wandb.init(mode="offline", **kwargs)

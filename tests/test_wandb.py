@@ -182,7 +182,7 @@ def test_an_analysis_refers_to_the_encoder_run_instead_of_making_another(trained
 
 def test_no_network_falls_back_offline_within_the_bound(no_network, tmp_path, caplog):
     """Connection refused (a closed port) and no answer (a listener that never replies, 0.3 s bound): the run
-    starts offline, with one warning line naming the server; later runs of the process do not ask again."""
+    starts offline, with one warning line naming the server; later runs of the process neither ask nor warn again."""
     url = f"http://127.0.0.1:{closed_port()}"
     assert probe(url, 2.0) is not None
     with socket.socket() as silent:
@@ -197,12 +197,13 @@ def test_no_network_falls_back_offline_within_the_bound(no_network, tmp_path, ca
         again = init_run(directory=tmp_path, project="p", group="g", name="n2", job_type="train", probe_timeout=0.5)
         again.finish()
     lines = [r.getMessage() for r in caplog.records if r.name == "brainprobe.wandb"]
-    assert len(lines) == 2 and all("unreachable" in line and "offline" in line for line in lines)
+    assert len(lines) == 1 and "unreachable" in lines[0] and "logging offline" in lines[0]  # once per process
     assert effective_mode(0.5).mode == "offline"
 
 
-def test_a_server_that_answers_keeps_the_run_online(monkeypatch):
-    """Any HTTP answer (here 404 from a local server) counts: the decision stays online (no run is started)."""
+def test_a_server_that_answers_but_is_not_wandb(monkeypatch, tmp_path, caplog):
+    """Any HTTP answer (here 404 from a local server) counts: the decision stays online. wandb then cannot start
+    the run (the server is no W&B): the run falls back to offline with one warning line, not a traceback."""
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(404)
@@ -219,6 +220,14 @@ def test_a_server_that_answers_keeps_the_run_online(monkeypatch):
         forget_unreachable()
         decision = effective_mode(5.0, requested="online")
         assert decision.mode == "online" and decision.warning is None
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        with caplog.at_level(logging.WARNING, logger="brainprobe.wandb"):
+            wb = init_run(directory=tmp_path, project="p", group="g", name="n", job_type="train", mode="online",
+                          init_timeout=10)
+            assert run_mode(wb) == "offline"
+            wb.finish()
+        lines = [r.getMessage() for r in caplog.records if r.name == "brainprobe.wandb"]
+        assert len(lines) == 1 and lines[0].startswith("W&B could not start an online run (")
     finally:
         server.shutdown()
         forget_unreachable()
