@@ -406,7 +406,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # Keys that may change between an interrupted run and its restart.
-RESUME_IGNORED_KEYS = ("logger", "resume", "analyze")
+RESUME_IGNORED_KEYS = ("logger", "resume", "analyze", "metrics")  # metrics: only how the summaries are made
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
