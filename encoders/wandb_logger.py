@@ -24,7 +24,8 @@ class TrainingLogger(WandbLogger):
     Lightning first asks for the experiment. ``finish_run(run_dir)`` logs the encoder's results and ends it.
 
     group: ``logger.wandb.group`` (the config resolves its default, see ``default_group``); name: None = the
-    name train.py passes (``run_name``); probe_timeout, init_timeout: seconds (see ``init_run``).
+    name train.py passes (``run_name``); probe_timeout, init_timeout: seconds (see ``init_run``); other keyword
+    arguments (``entity``, ``notes``, …) go to ``wandb.init``.
     """
 
     def __init__(self, project: str = "brainprobe", save_dir: str = ".", group: str | None = None,
@@ -33,6 +34,7 @@ class TrainingLogger(WandbLogger):
                  log_model: bool | str = False, **kwargs):
         super().__init__(name=name, save_dir=save_dir, project=project, log_model=log_model, **kwargs)
         self.group, self.tags, self.job_type = group, list(tags or ()), job_type
+        self.init_kwargs = dict(kwargs)  # e.g. +logger.wandb.entity=team: passed on to wandb.init
         self.probe_timeout, self.init_timeout = float(probe_timeout), float(init_timeout)
 
     @rank_zero_only
@@ -42,7 +44,8 @@ class TrainingLogger(WandbLogger):
             return
         self._experiment = init_run(directory=self._save_dir or ".", project=self._project, group=self.group,
                                     name=self._name or name, job_type=self.job_type, tags=self.tags, config=config,
-                                    run_id=self._id, probe_timeout=self.probe_timeout, init_timeout=self.init_timeout)
+                                    run_id=self._id, probe_timeout=self.probe_timeout, init_timeout=self.init_timeout,
+                                    **self.init_kwargs)
         if getattr(self._experiment, "define_metric", None):  # as Lightning's WandbLogger: the trainer's step axis
             self._experiment.define_metric("trainer/global_step")
             self._experiment.define_metric("*", step_metric="trainer/global_step", step_sync=True)

@@ -90,11 +90,11 @@ def encoder_run_name(run: RunDir) -> str:
 
 def init_run(*, directory: str | os.PathLike, project: str, group: str, name: str, job_type: str,
              tags: Sequence[str] = (), config: dict | None = None, run_id: str | None = None, mode: str | None = None,
-             probe_timeout: float = PROBE_TIMEOUT_S, init_timeout: float = INIT_TIMEOUT_S):
+             probe_timeout: float = PROBE_TIMEOUT_S, init_timeout: float = INIT_TIMEOUT_S, **init_kwargs):
     """A new W&B run, files under ``directory/wandb``. The mode is ``mode`` or the W&B-mode rule; an online run
     whose server does not answer within ``probe_timeout`` s, or that wandb cannot start within
-    ``init_timeout`` s, starts offline instead with one warning line. Returns the ``wandb`` run (its mode:
-    ``run_mode``)."""
+    ``init_timeout`` s, starts offline instead with one warning line. ``init_kwargs`` go to ``wandb.init``
+    (e.g. ``entity``, ``notes``). Returns the ``wandb`` run (its mode: ``run_mode``)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     decision = effective_mode(probe_timeout, mode)  # also removes an empty WANDB_MODE before wandb reads it
     if decision.warning:
@@ -104,7 +104,7 @@ def init_run(*, directory: str | os.PathLike, project: str, group: str, name: st
     Path(directory).mkdir(parents=True, exist_ok=True)
     settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, init_timeout=float(init_timeout))
     kwargs = dict(project=project, dir=str(directory), group=group, name=name, job_type=job_type, tags=list(tags),
-                  config=config or {}, id=run_id, reinit="create_new", settings=settings)
+                  config=config or {}, id=run_id, reinit="create_new", settings=settings, **init_kwargs)
     try:
         return wandb.init(mode=decision.mode, **kwargs)
     except Exception as err:  # wandb's errors (CommError, AuthenticationError, timeouts) share no useful base
