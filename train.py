@@ -42,14 +42,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write  # noqa: E402
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
-from encoders.extract import extract_features  # noqa: E402
+from encoders.extract import ExtractionStats, extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
-from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402
+from encoders.metrics import NC_THRESHOLD, headline, nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402,E501
 from encoders.model import EncodingModel  # noqa: E402
 from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
 from encoders.run_record import git_commit, package_versions  # noqa: E402
 from encoders.storage import StorageError, is_storage_failure, reason, require_writable_dir  # noqa: E402
-from encoders.wandb_mode import wandb_offline  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
+from encoders.wandb_mode import WandbModeError, wandb_mode  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
+from encoders.wandb_run import default_group, run_name  # noqa: E402  (W&B runs: encoders/wandb_run.py, wandb_logger.py)
 from encoders.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("brainprobe.train")
@@ -62,16 +63,18 @@ class ConfigError(ValueError):
 USER_ERRORS = (DataError, WeightsError, ConfigError, StorageError)
 
 
-def wandb_group(single_run_group: str) -> str:
-    """The W&B group: a multirun's sweep directory name (all its jobs in one group), else the given one."""
+def wandb_group(dataset: str, subject) -> str:
+    """The default W&B group (``logger.wandb.group``): the experiment's name when one is selected, else a
+    multirun's sweep directory name (all its jobs in one group), else ``<dataset>-subj<N>``."""
+    experiment = sweep = None
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
+        experiment = (hydra_cfg.runtime.get("choices") or {}).get("experiment")
         if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweep.dir:
-            return Path(str(hydra_cfg.sweep.dir)).name
-    return single_run_group
+            sweep = Path(str(hydra_cfg.sweep.dir)).name
+    return default_group(experiment, sweep, dataset, subject)
 
 
-OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
 
 
@@ -124,6 +127,7 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
     mode = str(cfg.features)
     dm.set_transform(backbone.transform)
     info: dict = {"mode": mode}
+    stats = ExtractionStats()  # the images this run extracted and their wall time (run.json, W&B summary)
     if hasattr(dm, "prepare_features"):  # time series (video): the datamodule turns frame features into TRs
         if mode == "online":
             raise ConfigError(f"features=online is not available for data={dm.name}: its samples are TRs, not images")
@@ -131,28 +135,38 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
 
         def extract(ids, source, make_loader):
             if cache is None:
-                return extract_features(backbone, make_loader(ids), device, description="frame features"), "computed"
-            result = cache.load_or_build(backbone, ids, source, make_loader, device)
+                return extract_features(backbone, make_loader(ids), device, description="frame features",
+                                        stats=stats), "computed"
+            result = cache.load_or_build(backbone, ids, source, make_loader, device, stats=stats)
             return result.features, result.status
 
         features, dm_info = dm.prepare_features(backbone, extract)
-        info.update(dm_info, cache_dir=str(cfg.feature_cache_dir) if cache else None)
+        info.update(dm_info, cache_dir=str(cfg.feature_cache_dir) if cache else None, extraction=extraction_record(stats))
         return features, info
     if mode == "cached":
         ids = np.unique(np.concatenate([dm.split_ids[s] for s in SPLITS]))
         cache = FeatureCache(cfg.feature_cache_dir)
-        result = cache.load_or_build(backbone, ids, dm.stimulus_source(), dm.images_loader, device)
+        result = cache.load_or_build(backbone, ids, dm.stimulus_source(), dm.images_loader, device, stats=stats)
         row = {int(i): k for k, i in enumerate(ids)}
         features = {s: result.features[[row[int(i)] for i in dm.split_ids[s]]] for s in SPLITS}
         info.update(cache_key=result.key, cache_file=str(result.path), cache_status=result.status)
     elif mode == "precompute":
-        features = {s: extract_features(backbone, dm.image_loader(s), device, description=f"features {s}")
-                    for s in SPLITS}
+        features = {s: extract_features(backbone, dm.image_loader(s), device, description=f"features {s}",
+                                        stats=stats) for s in SPLITS}
     else:
-        features = {"train": extract_features(backbone, dm.image_loader("train"), device, description="features train")}
+        features = {"train": extract_features(backbone, dm.image_loader("train"), device, description="features train",
+                                              stats=stats)}
     if mode != "online":
         dm.set_features(features)
+    info["extraction"] = extraction_record(stats)
     return features, info
+
+
+def extraction_record(stats: ExtractionStats) -> dict | None:
+    """run.json's features.extraction: {"images", "seconds", "images_per_s"}; None when nothing was extracted."""
+    if not stats.images:
+        return None
+    return {"images": stats.images, "seconds": round(stats.seconds, 3), "images_per_s": stats.images_per_s}
 
 
 @torch.no_grad()
@@ -194,7 +208,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         nc = noise_ceiling(dm.ncsnr(), noise_ceiling_k(dm.n_repeats(split)))
         nc_r2 = nc_normalised_r2(scores["r2"], nc)
         per_split[split] = {"r": scores["r"], "r2": scores["r2"], "nc": nc, "nc_r2": nc_r2}
-        metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois)
+        metrics[split] = summarize(scores["r"], scores["r2"], nc_r2, dm.rois, nc=nc, nc_threshold=nc_threshold(cfg))
         predictions[split] = pred
     run.write_voxel_metrics(per_split, dm.data.voxel_xyz, dm.rois)
     run.write_split(cfg.seed, dm.subject, dm.split_ids)
@@ -218,9 +232,47 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
         "wall_time_s": time.time() - started, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wandb": wandb_record(model.trainer if model._trainer else None),
     })
     run.write_metrics(metrics)  # last: a run directory with metrics.json is complete
     return metrics
+
+
+def wandb_loggers(trainer: L.Trainer | None) -> list:
+    from encoders.wandb_logger import TrainingLogger
+
+    return [lg for lg in (trainer.loggers if trainer is not None else []) if isinstance(lg, TrainingLogger)]
+
+
+def start_wandb(trainer: L.Trainer, cfg: DictConfig, model: EncodingModel, dm) -> None:
+    """logger=wandb: start its W&B run (global rank 0) with the resolved config, nested, plus ``encoder``: what
+    was built (backbone, its layers, head, dataset, subject, n_features, n_voxels), and a readable name."""
+    loggers = wandb_loggers(trainer)
+    if not loggers:
+        return
+    config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    encoder = {"backbone": model.backbone.spec.name, "layers": list(model.backbone.layers),
+               "head": choices.get("head", type(model.head).__name__), "dataset": dm.name, "subject": dm.subject,
+               "n_features": int(model.n_features), "n_voxels": int(model.n_voxels)}
+    config["encoder"] = encoder
+    name = run_name(encoder["backbone"], encoder["layers"], encoder["head"], encoder["dataset"], encoder["subject"])
+    for logger in loggers:
+        logger.start(config, name)
+
+
+def wandb_record(trainer: L.Trainer | None) -> dict | None:
+    """run.json's ``wandb``: the training run's W&B id, project, group, name, mode and directory (or None)."""
+    records = [lg.record() for lg in wandb_loggers(trainer)]
+    return next((r for r in records if r), None)
+
+
+def finish_wandb(trainer: L.Trainer, run_dir: Path) -> None:
+    """Log the run's results to its W&B run and end it; an offline run prints the ``wandb sync`` line."""
+    for logger in wandb_loggers(trainer):
+        line = logger.finish_run(run_dir)
+        if line:
+            log.info("W&B run saved offline; upload it with: %s", line)
 
 
 @dataclass
@@ -244,6 +296,12 @@ def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
     check_precision(cfg)
+    nc_threshold(cfg)
+    if "wandb" in (cfg.get("logger") or {}):
+        try:
+            wandb_mode()  # an unknown WANDB_MODE is one line now, not a traceback after feature extraction
+        except WandbModeError as err:
+            raise ConfigError(str(err)) from None
     return run, resume_from
 
 
@@ -271,6 +329,7 @@ def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run:
                  resume_from: str | None) -> L.Trainer:
     """Fit the head (closed form on the training split, or epochs, resumed from a checkpoint) and test it."""
     trainer = build_trainer(cfg)
+    start_wandb(trainer, cfg, model, dm)
     if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
         model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
@@ -297,10 +356,22 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
         return TrainResult(None, model, dm, run_dir)
     metrics = write_run(run, cfg, dm, model.cpu(), features, model.backbone, started, feature_info)
     run.clear_failure()  # an earlier failed attempt in this directory
-    log.info("test: r %.3f  R2 %.3f  NC-R2 %.3f  (%d voxels) -> %s", metrics["test"]["r_mean"],
-             metrics["test"]["r2_mean"], metrics["test"]["nc_r2_mean"], metrics["test"]["n_voxels"], run_dir)
+    log.info("test: %s -> %s", headline(metrics["test"]), run_dir)
+    finish_wandb(trainer, run_dir)
     run_analysis_jobs(cfg, run_dir)
     return TrainResult(metrics, model, dm, run_dir)
+
+
+def nc_threshold(cfg: DictConfig) -> float:
+    """metrics.nc_threshold (% of variance, 0 <= t < 100): the noise ceiling above which a voxel is "reliable"."""
+    value = OmegaConf.select(cfg, "metrics.nc_threshold", default=NC_THRESHOLD)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"metrics.nc_threshold must be a number (% of variance), got {value!r}") from None
+    if not 0 <= value < 100:
+        raise ConfigError(f"metrics.nc_threshold must be in [0, 100) (% of variance), got {value:g}")
+    return value
 
 
 # Lightning precisions that keep the head in float32: only the backbone autocasts (EncodingModel).
@@ -336,7 +407,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # Keys that may change between an interrupted run and its restart.
-RESUME_IGNORED_KEYS = ("logger", "resume", "analyze")
+RESUME_IGNORED_KEYS = ("logger", "resume", "analyze", "metrics")  # metrics: only how the summaries are made
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -376,14 +447,12 @@ def keep_earlier_logs(trainer: L.Trainer) -> None:
 
 def run_analysis_jobs(cfg: DictConfig, run_dir: Path) -> None:
     """``+analyze=[name, ...]``: each analysis runs on this run as a job of its own (analyze.py in a
-    subprocess), in the W&B group of the training run; its output goes to ``analyze_<name>.log``.
+    subprocess); one that logs to W&B does so in the training run's group (run.json's ``wandb``), as a
+    ``job_type=analysis`` run that refers to it. Its output goes to ``analyze_<name>.log``.
     A failing analysis is reported, and does not fail the training run."""
     names = cfg.get("analyze") or []
     names = [names] if isinstance(names, str) else list(names)
     env = dict(os.environ)
-    wandb = (cfg.get("logger") or {}).get("wandb")
-    if wandb is not None and wandb.get("group"):
-        env["WANDB_RUN_GROUP"] = str(wandb.group)
     for name in names:
         out_file = run_dir / f"analyze_{name}.log"
         with open(out_file, "w") as out:

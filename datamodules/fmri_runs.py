@@ -107,3 +107,31 @@ def ncsnr_from_repeats(runs: np.ndarray) -> np.ndarray:
         total = total + a.var(axis=0, ddof=1).sum(axis=0)
         n += a.shape[1]
     return ncsnr_from_noise_variance(total / n)
+
+
+def ncsnr_from_trial_sums(sum_x: np.ndarray, sum_xx: np.ndarray, n_trials: int, image_means: np.ndarray,
+                          image_counts: np.ndarray, row_block: int = 4096) -> np.ndarray:
+    """NSD's ncsnr from every trial of a set of sessions, given as sums (no trial kept in memory).
+
+    sum_x, sum_xx (n_voxels,): Σx and Σx² over all ``n_trials`` trials (z-scored per session);
+    image_means (n_images, n_voxels): each image's mean over its trials, image_counts (n_images,) their number.
+    σ²_noise = the pooled within-image variance, Σ_i Σ_j (x_ij − x̄_i)² / Σ_i (n_i − 1) (images seen once add
+    nothing; with 3 trials for every image this is NSD's mean of the per-image variances, ddof 1); σ²_total =
+    the variance of all trials (ddof 0; 1 for data z-scored per session); ncsnr = sqrt(max(0, σ²_total −
+    σ²_noise)) / σ_noise, i.e. ``ncsnr_from_noise_variance(σ²_noise / σ²_total)``. ValueError when no
+    image has two trials. Returns (n_voxels,) float64.
+    """
+    counts = np.asarray(image_counts, dtype=np.float64)
+    dof = float(n_trials) - len(counts)
+    if dof < 1:
+        raise ValueError("ncsnr_from_trial_sums: no image has two trials")
+    between = np.zeros(len(sum_x), dtype=np.float64)  # Σ_i n_i x̄_i²
+    for start in range(0, len(counts), row_block):
+        m = np.asarray(image_means[start:start + row_block], dtype=np.float64)
+        between += counts[start:start + row_block] @ (m * m)
+    sum_xx = np.asarray(sum_xx, dtype=np.float64)
+    noise_var = np.maximum(sum_xx - between, 0.0) / dof
+    total_var = sum_xx / n_trials - (np.asarray(sum_x, dtype=np.float64) / n_trials) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(total_var > 0, noise_var / total_var, 0.0)
+    return ncsnr_from_noise_variance(relative)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import DataError
+from datamodules.fmri_runs import ncsnr_from_trial_sums
 from datamodules.image_stimuli import ImageDataModule, permute_within_columns
 from datamodules.nsd_files import (ExpDesign, Labels, Layout, NSDPaths, StimulusBrick, read_expdesign, read_grid,
                                    read_labels, read_session, session_trials)
@@ -233,6 +234,11 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
     all_stim = np.concatenate([stims[s] for s in chosen])
 
     where = f"'{roi_mask}'" + (f" ∩ {list(rois)}" if rois else "")
+    # The shipped ncsnr is estimated from all of the subject's sessions: for a subset it is recomputed from
+    # the selected trials (NSD's formula, ``ncsnr_from_trial_sums``), from per-voxel sums taken as they are read.
+    recompute_ncsnr = sessions is not None and set(chosen) != set(paths.sessions())
+    sum_x = np.zeros(len(locs)) if recompute_ncsnr else None
+    sum_xx = np.zeros(len(locs)) if recompute_ncsnr else None
     invalid = InvalidVoxels(len(locs))
     if average_repeats:
         averager = RepeatAverager(len(locs), ids=all_stim)
@@ -244,6 +250,9 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
     for k, (session, _, betas, session_invalid) in enumerate(session_responses(paths, design, chosen, locs, layout,
                                                                                zscore, n_trials)):
         record_invalid(paths, session, locs, session_invalid, where, invalid)
+        if recompute_ncsnr:
+            sum_x += betas.sum(axis=0, dtype=np.float64)
+            sum_xx += np.einsum("ij,ij->j", betas, betas, dtype=np.float64)
         if average_repeats:
             averager.add(stims[session], betas)
         else:
@@ -262,6 +271,10 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         trials = {"trial_session": np.repeat(np.asarray(chosen), n_trials)[order],
                   "trial_index": np.tile(np.arange(n_trials), len(chosen))[order],
                   "repeat_index": np.arange(len(stim_ids)) - first_row[inverse]}
+    ncsnr_info = {"ncsnr": f"shipped ({paths.ncsnr_files()[0].name}, estimated from all sessions)"}
+    if recompute_ncsnr:
+        ncsnr, ncsnr_info = selected_sessions_ncsnr(paths, chosen, ncsnr, sum_x, sum_xx, len(all_stim), stim_ids,
+                                                    responses, counts if average_repeats else None)
     bad = invalid.mask
     for name, mask in requested.items():
         if not (mask & ~bad).any():
@@ -283,9 +296,32 @@ def load_subject(root: str | Path, subject: int, sessions: Sequence[int] | None 
         ncsnr=ncsnr[keep], rois=rois_out, shared_ids=design.sharedix, sessions=chosen, n_dropped=int(bad.sum()),
         info={"trials_per_session": n_trials, "roi_mask": roi_mask, "zscore": zscore, "space": paths.space,
               "beta_format": paths.beta_format, "rois": list(rois) if rois else None,
-              "average_repeats": average_repeats,
+              "average_repeats": average_repeats, **ncsnr_info,
               "voxel_xyz": "[hemisphere (0 lh, 1 rh), vertex]" if layout.surface else "NIfTI (x, y, z) indices"},
         **trials)
+
+
+def selected_sessions_ncsnr(paths: NSDPaths, chosen: Sequence[int], shipped: np.ndarray, sum_x: np.ndarray,
+                            sum_xx: np.ndarray, n_trials: int, stim_ids: np.ndarray, responses: np.ndarray,
+                            counts: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """ncsnr (n_voxels,) float32 recomputed from the trials of the ``chosen`` sessions, and what the run records
+    about it. Repeat-averaged responses (``counts`` given) are the image means; single trials (``counts`` None,
+    rows sorted by id) are averaged here. Without any image seen twice in those sessions the shipped ncsnr is
+    kept, with one warning line."""
+    if counts is None:
+        ids, first, counts = np.unique(stim_ids, return_index=True, return_counts=True)
+        means = np.add.reduceat(responses, first, axis=0, dtype=np.float64) / counts[:, None]
+    else:
+        means = responses
+    if n_trials - len(counts) < 1:
+        log.warning("%s: no image is seen twice in sessions %s, so ncsnr cannot be estimated from them; using "
+                    "the shipped ncsnr (estimated from all sessions)", paths.subj, list(chosen))
+        return shipped, {"ncsnr": f"shipped ({paths.ncsnr_files()[0].name}): no image repeats in the selected sessions"}
+    ncsnr = ncsnr_from_trial_sums(sum_x, sum_xx, n_trials, means, counts).astype(np.float32)
+    repeated = int((np.asarray(counts) >= 2).sum())
+    log.info("%s: ncsnr recomputed from the %d trials of sessions %s (%d images seen at least twice)",
+             paths.subj, n_trials, list(chosen), repeated)
+    return ncsnr, {"ncsnr": f"recomputed from sessions {list(chosen)} ({repeated} images seen at least twice)"}
 
 
 def common_shared_images(root: str | Path, subject: int, test_set: str, n_trials: int,

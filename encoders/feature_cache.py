@@ -34,7 +34,7 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader
 
-from encoders.extract import iter_features
+from encoders.extract import ExtractionStats, iter_features
 from encoders.storage import StorageError, is_storage_failure, reason
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,12 @@ class FeatureCache:
         return self.directory / f"{safe}-{key_hash(description)[:16]}.h5"
 
     def load_or_build(self, backbone, ids: np.ndarray, stimuli: dict,
-                      make_loader: Callable[[np.ndarray], DataLoader], device: str = "cpu") -> CacheResult:
+                      make_loader: Callable[[np.ndarray], DataLoader], device: str = "cpu",
+                      stats: ExtractionStats | None = None) -> CacheResult:
         """Features for ``ids`` (in that order) from the cache, extracting what is missing.
 
         make_loader(ids) -> a DataLoader of the images of those ids, in order (the encoder's transform).
+        stats: adds the images extracted and the extraction's wall time (``encoders.extract.ExtractionStats``).
         """
         ids = np.asarray(ids, dtype=np.int64)
         description = feature_key(backbone, stimuli, ids)
@@ -124,7 +126,7 @@ class FeatureCache:
                 log.warning("feature cache: resuming an interrupted extraction at %d/%d images (%s)",
                             start, len(ids), path.name)
                 status = "resumed"
-            features = self._extract(path, description, key, ids, start, backbone, make_loader, device)
+            features = self._extract(path, description, key, ids, start, backbone, make_loader, device, stats)
         return CacheResult(features, key, path, status)
 
     def _lock(self, path: Path) -> FileLock:
@@ -184,7 +186,8 @@ class FeatureCache:
                                f"{n_features} features, float32); free space or set feature_cache_dir elsewhere")
 
     def _extract(self, path: Path, description: dict, key: str, ids: np.ndarray, start: int, backbone,
-                 make_loader: Callable[[np.ndarray], DataLoader], device: str) -> torch.Tensor:
+                 make_loader: Callable[[np.ndarray], DataLoader], device: str,
+                 stats: ExtractionStats | None = None) -> torch.Tensor:
         """Extract rows start.. into the .partial file, check that every row reads back as written, rename it
         into place and return all features (len(ids), n_features).
 
@@ -214,7 +217,8 @@ class FeatureCache:
             rest = ids[start:]
             if len(rest):
                 for batch in iter_features(backbone, make_loader(rest), device,
-                                           description=f"features {backbone.spec.name}", total=len(rest)):
+                                           description=f"features {backbone.spec.name}", total=len(rest),
+                                           stats=stats):
                     rows = batch.numpy()
                     features[done:done + len(rows)] = rows
                     f.flush()

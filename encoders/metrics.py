@@ -122,33 +122,78 @@ def nc_normalised_r2(r2: np.ndarray, nc_percent: np.ndarray) -> np.ndarray:
         return np.where(nc > 0, np.asarray(r2, dtype=np.float64) / nc, np.nan)
 
 
+# Voxels whose noise ceiling (% of explainable variance) exceeds this form the "reliable" set of the summaries:
+# NC-R² = R²/(NC/100) turns test-set noise in R² into noise / (NC/100), so a voxel at NC 0.5 % turns R² ±0.02
+# into ±4 and a handful of them can move a mean over thousands. At 10 % a voxel's R² noise is scaled by at
+# most 10; for NSD's 3-trial averages (k = 1/3) NC > 10 % is ncsnr > 0.19 (config: metrics.nc_threshold).
+NC_THRESHOLD = 10.0
+
+
 def summarize(r: np.ndarray, r2: np.ndarray, nc_r2: np.ndarray | None,
-              rois: dict[str, np.ndarray] | None = None) -> dict:
+              rois: dict[str, np.ndarray] | None = None, nc: np.ndarray | None = None,
+              nc_threshold: float = NC_THRESHOLD) -> dict:
     """The documented metrics.json block for one split.
 
-    r, r2, nc_r2: (n_voxels,); rois: name -> bool mask or index array over the same voxels.
-    Returns {"r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan", "rois": {name: {...}}}.
-    Means ignore NaN voxels (constant ones), whose count is reported as n_nan.
+    r, r2, nc_r2, nc (noise ceiling, % of variance): (n_voxels,); rois: name -> bool mask or index array
+    over the same voxels. Returns, overall and per ROI (``"rois": {name: {...}}``):
+
+    - ``<m>_mean``, ``<m>_median`` for m in r, r2, nc_r2: over the voxels where m is finite;
+    - ``<m>_mean_reliable``: the mean over the voxels whose noise ceiling exceeds ``nc_threshold`` (%),
+      ``n_reliable`` their count (None for both without ``nc``);
+    - ``n_voxels``, ``n_nan`` (voxels whose r is NaN: constant prediction or response);
+
+    and ``nc_threshold`` at the top. The median and the reliable mean are the headline numbers: the plain
+    mean of NC-R² can be dominated by a few voxels with a near-zero noise ceiling.
     """
-    out = _block(r, r2, nc_r2, np.arange(len(r)))
+    reliable = None
+    if nc is not None:
+        with np.errstate(invalid="ignore"):
+            reliable = np.asarray(nc, dtype=np.float64) > float(nc_threshold)
+    out = _block(r, r2, nc_r2, np.arange(len(r)), reliable)
+    out["nc_threshold"] = float(nc_threshold)
     out["rois"] = {}
     for name, sel in (rois or {}).items():
         sel = np.asarray(sel)
         idx = np.flatnonzero(sel) if sel.dtype == bool else sel
         if idx.size:
-            out["rois"][name] = _block(r, r2, nc_r2, idx)
+            out["rois"][name] = _block(r, r2, nc_r2, idx, reliable)
     return out
 
 
-def _block(r, r2, nc_r2, sel: np.ndarray) -> dict:
-    """Means over the voxels at index array sel."""
-    rs, r2s = np.asarray(r)[sel], np.asarray(r2)[sel]
+def _mean(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else float("nan")
 
-    def mean(x):
-        x = x[np.isfinite(x)]
-        return float(x.mean()) if x.size else float("nan")
 
-    block = {"r_mean": mean(rs), "r_median": float(np.nanmedian(rs)) if np.isfinite(rs).any() else float("nan"),
-             "r2_mean": mean(r2s), "nc_r2_mean": mean(np.asarray(nc_r2)[sel]) if nc_r2 is not None else None,
-             "n_voxels": int(len(sel)), "n_nan": int((~np.isfinite(rs)).sum())}
+def _median(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else float("nan")
+
+
+def _block(r, r2, nc_r2, sel: np.ndarray, reliable: np.ndarray | None) -> dict:
+    """The summaries over the voxels at index array sel (``reliable``: bool over all voxels, or None)."""
+    values = {"r": np.asarray(r, np.float64)[sel], "r2": np.asarray(r2, np.float64)[sel],
+              "nc_r2": None if nc_r2 is None else np.asarray(nc_r2, np.float64)[sel]}
+    keep = None if reliable is None else reliable[sel]
+    block = {}
+    for name, x in values.items():
+        block[f"{name}_mean"] = None if x is None else _mean(x)
+        block[f"{name}_median"] = None if x is None else _median(x)
+    for name, x in values.items():
+        block[f"{name}_mean_reliable"] = None if x is None or keep is None else _mean(x[keep])
+    block["n_reliable"] = None if keep is None else int(keep.sum())
+    block["n_voxels"] = int(len(sel))
+    block["n_nan"] = int((~np.isfinite(values["r"])).sum())
     return block
+
+
+def headline(block: dict) -> str:
+    """One line for a metrics.json split block: mean r, median R² and NC-R², and the mean NC-R² over the
+    voxels whose noise ceiling exceeds the threshold, with their count (train.py's closing line)."""
+    def num(key):
+        value = block.get(key)
+        return "nan" if value is None or value != value else f"{value:.3f}"
+
+    return (f"r {num('r_mean')}  R2 median {num('r2_median')}  NC-R2 median {num('nc_r2_median')}  "
+            f"NC-R2 mean {num('nc_r2_mean_reliable')} over the {block.get('n_reliable')} of {block.get('n_voxels')} "
+            f"voxels with NC > {block.get('nc_threshold', NC_THRESHOLD):g}%")

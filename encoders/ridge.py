@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from encoders.progress import track
+
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-8, 10, 19))
 
 log = logging.getLogger(__name__)
@@ -282,10 +284,13 @@ class RidgeCV:
     n_splits_, grouped_ (groups were given), alpha_edge_fraction_ {"lowest", "highest"}: the fraction of
     voxels whose best alpha is the grid's smallest / largest (a one-line warning when either is > 0:
     the grid may be too narrow). Arrays in (numpy or torch), numpy out. ``device`` runs the algebra there.
+    progress: report the fit over its voxel batches (a bar on a terminal, a line every ~30 s elsewhere;
+    ``encoders.progress``).
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", shuffle: bool = True,
-                 seed: int = 0, voxel_batch: int = 4096, solver: str = "auto", device: str | None = None):
+                 seed: int = 0, voxel_batch: int = 4096, solver: str = "auto", device: str | None = None,
+                 progress: bool = True):
         if score not in ("r2", "corr"):
             raise ValueError(f"score must be 'r2' or 'corr', got {score!r}")
         if solver not in ("auto", "primal", "dual"):
@@ -295,6 +300,7 @@ class RidgeCV:
             raise ValueError("alphas must be a non-empty list of non-negative values")
         self.cv, self.score_name, self.shuffle, self.seed = cv, score, shuffle, seed
         self.voxel_batch, self.solver, self.device = voxel_batch, solver, device
+        self.progress = progress
 
     def _tensor(self, A) -> torch.Tensor:
         t = A if torch.is_tensor(A) else torch.from_numpy(np.ascontiguousarray(A))
@@ -319,7 +325,9 @@ class RidgeCV:
         self.best_alphas_ = np.empty(n_vox, dtype=np.float64)
         self.coef_ = np.empty((n_vox, X.shape[1]), dtype=np.float32)
         self.intercept_ = np.empty(n_vox, dtype=np.float32)
-        for start in range(0, n_vox, self.voxel_batch):
+        for start in track(range(0, n_vox, self.voxel_batch), f"ridge fit ({len(alphas)} alphas, {self.n_splits_} "
+                           f"folds)", total=n_vox, unit="voxels", size=lambda s: min(self.voxel_batch, n_vox - s),
+                           enabled=self.progress):
             sl = slice(start, min(start + self.voxel_batch, n_vox))
             scores, W, b, best = engine.solve(Y[:, sl], alphas, self.score_name)
             self.cv_scores_[:, sl] = scores.cpu().numpy()

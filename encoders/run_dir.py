@@ -14,11 +14,14 @@ Layout (users and scripts rely on it)::
 
     config.yaml          the composed config, resolved (the datamodule class is data._target_)
     run.json             provenance: backbone, layers, head, data (the datamodule's description), features
-                         (mode, cache file, and what turned backbone outputs into head inputs), time_series,
-                         seed, git commit, package versions, world size, wall time
+                         (mode, cache file, extraction images/s, and what turned backbone outputs into head
+                         inputs), time_series, seed, git commit, package versions, world size, wall time, and
+                         ``wandb`` (the W&B run that holds its results: id, project, group, name, mode, dir; or null)
     split.json           {"seed", "subject", "id_base", "train": [ids], "val": [...], "test": [...]}
-    metrics.json         {"<split>": {"r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan",
-                                      "rois": {"<ROI>": {same keys}}}, ...}
+    metrics.json         {"<split>": {"<m>_mean", "<m>_median", "<m>_mean_reliable" for m in r, r2, nc_r2;
+                                      "n_reliable", "n_voxels", "n_nan", "nc_threshold",
+                                      "rois": {"<ROI>": {same keys but nc_threshold}}}, ...}
+                         (encoders.metrics.summarize: reliable = noise ceiling > nc_threshold %)
     voxel_metrics.npz    per split "<split>_r", "<split>_r2", "<split>_nc" (noise ceiling, % of variance),
                          "<split>_nc_r2"; "voxel_xyz" (n_voxels, k); one bool mask "roi_<name>" per ROI
     predictions.npz      per split "<split>_pred", "<split>_true" (n, n_voxels), "<split>_ids" (n,)
@@ -219,6 +222,14 @@ class RunDir:
         write_json(self.path / INFO, info)
         self.__dict__.pop("info", None)
 
+    def record_wandb(self, record: dict) -> None:
+        """Set run.json's ``wandb`` entry (the W&B run of this encoder, logged after training, e.g. by the
+        report), keeping the rest of run.json."""
+        info = dict(self.info)
+        info["wandb"] = record
+        write_json(self.path / INFO, info)
+        self.__dict__.pop("info", None)
+
     def write_failure(self, record: dict) -> None:
         """failed.json: {"error": one line, "type", "overrides", "traceback"}."""
         self.create()
@@ -343,6 +354,12 @@ class RunDir:
     @property
     def subject(self):
         return self.data.get("subject", "?")
+
+    @property
+    def wandb(self) -> dict | None:
+        """run.json's ``wandb``: {"id", "project", "group", "name", "job_type", "mode", "dir"} of the W&B run that
+        holds this encoder's results, or None."""
+        return self.info.get("wandb") or None
 
     @property
     def data(self) -> dict:

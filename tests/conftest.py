@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-import train  # noqa: E402,F401  (registers the config resolvers, e.g. ${wandb_offline:})
+import train  # noqa: E402,F401  (registers the config resolvers, e.g. ${wandb_group:...})
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -75,3 +75,33 @@ def test_summarize_rois():
     assert out["rois"]["A"]["r_mean"] == pytest.approx(0.15) and out["rois"]["A"]["n_voxels"] == 2
     assert out["rois"]["B"]["nc_r2_mean"] == pytest.approx(0.4)
     assert "empty" not in out["rois"]
+
+
+def test_headline_summaries_resist_voxels_with_a_near_zero_noise_ceiling():
+    """1000 voxels at NC 30-80 % with R² = 0.5·NC/100 (NC-R² 0.5), plus 20 voxels at NC 0.5 % whose R² of
+    -0.02 becomes NC-R² -4: the plain mean falls to ~0.41, the median and the mean over NC > 10 % stay 0.5."""
+    import statistics
+
+    rng = np.random.default_rng(0)
+    nc = np.concatenate([rng.uniform(30, 80, 1000), np.full(20, 0.5)])
+    r2 = np.concatenate([0.5 * nc[:1000] / 100 + rng.normal(0, 0.002, 1000), np.full(20, -0.02)])
+    r = np.sign(r2) * np.sqrt(np.abs(r2))
+    r[5] = np.nan  # a constant voxel
+    nc_r2 = nc_normalised_r2(r2, nc)
+    rois = {"A": np.arange(1020) % 2 == 0}
+    out = summarize(r, r2, nc_r2, rois, nc=nc, nc_threshold=10.0)
+    assert out["nc_threshold"] == 10.0 and out["n_reliable"] == 1000 and out["n_voxels"] == 1020
+    assert out["nc_r2_mean"] < 0.42                               # what the headline must not be
+    assert out["nc_r2_median"] == pytest.approx(statistics.median(nc_r2.tolist()))
+    assert out["nc_r2_mean_reliable"] == pytest.approx(statistics.fmean(nc_r2[:1000].tolist()))
+    assert abs(out["nc_r2_median"] - 0.5) < 0.01 and abs(out["nc_r2_mean_reliable"] - 0.5) < 0.01
+    finite_r = [x for x in r[:1000].tolist() if np.isfinite(x)]
+    assert out["r_mean_reliable"] == pytest.approx(statistics.fmean(finite_r)) and out["n_nan"] == 1
+    assert out["r2_median"] == pytest.approx(statistics.median(r2.tolist()))
+    roi = out["rois"]["A"]
+    assert roi["n_reliable"] == 500 + 0 and roi["n_voxels"] == 510
+    assert roi["nc_r2_mean_reliable"] == pytest.approx(statistics.fmean(nc_r2[:1000][::2].tolist()))
+    # Without noise ceilings the reliable keys are None; a threshold above every NC leaves an empty (NaN) mean.
+    assert summarize(r, r2, None)["nc_r2_mean_reliable"] is None and summarize(r, r2, None)["n_reliable"] is None
+    empty = summarize(r, r2, nc_r2, nc=nc, nc_threshold=90.0)
+    assert empty["n_reliable"] == 0 and np.isnan(empty["nc_r2_mean_reliable"])

@@ -205,3 +205,42 @@ def test_voxels_dead_in_different_sessions_name_those_sessions(nsd):
     with pytest.raises(DataError, match=r"every voxel in 'nsdgeneral' is NaN or constant in one of the sessions "
                                         r"betas_session01\.hdf5, betas_session02\.hdf5"):
         load_subject(root, 1, roi_files=[])
+
+
+def test_a_subset_of_sessions_recomputes_ncsnr_from_its_trials(tmp_path, synthetic_root, caplog):
+    """NSD's ncsnr (from all sessions) does not describe a subset: it is recomputed from the selected trials —
+    pooled within-image variance (ddof 1) of the session-z-scored betas against their total variance (NSD's
+    formula) — and equals a plain per-image computation from the written betas, averaged or single-trial."""
+    truth = write_minimal_nsd(tmp_path, n_sessions=3)
+    chosen = [1, 3]
+    z = {s + 1: (b - b.mean(0)) / b.std(0) for s, b in enumerate(truth["betas"])}
+    trials = np.concatenate([z[s] for s in chosen])
+    stims = np.concatenate([truth["stim"][s - 1] for s in chosen])
+    ss, dof = 0.0, 0
+    for i in np.unique(stims):
+        rows = trials[stims == i]
+        if len(rows) > 1:
+            ss = ss + rows.var(axis=0, ddof=1) * (len(rows) - 1)
+            dof += len(rows) - 1
+    noise = ss / dof
+    total = trials.var(axis=0)
+    expected = np.sqrt(np.maximum(0, total - noise)) / np.sqrt(noise)
+    with caplog.at_level(logging.INFO):
+        averaged = load_subject(tmp_path, 1, sessions=chosen, roi_files=[])
+        single = load_subject(tmp_path, 1, sessions=chosen, roi_files=[], average_repeats=False)
+    np.testing.assert_allclose(averaged.ncsnr, expected, rtol=1e-4)
+    np.testing.assert_allclose(single.ncsnr, expected, rtol=1e-4)
+    assert not np.allclose(averaged.ncsnr, truth["ncsnr"], rtol=0.05)
+    assert averaged.info["ncsnr"].startswith("recomputed from sessions [1, 3]")
+    assert "ncsnr recomputed from the 8 trials of sessions [1, 3]" in caplog.text
+    # Every session on disk, named or not: the shipped file.
+    for sessions in (None, [1, 2, 3]):
+        data = load_subject(tmp_path, 1, sessions=sessions, roi_files=[])
+        np.testing.assert_allclose(data.ncsnr, truth["ncsnr"])
+        assert data.info["ncsnr"].startswith("shipped")
+
+    # On the synthetic dataset (ncsnr file = the planted SNR), 3 of 5 sessions recover the planted values.
+    planted = load_subject(synthetic_root, 1, roi_files=[])
+    subset = load_subject(synthetic_root, 1, sessions=[1, 2, 3], roi_files=[])
+    real = planted.ncsnr < 100  # the noise-free extra voxels are reported as 1e3
+    assert np.corrcoef(planted.ncsnr[real], subset.ncsnr[real])[0, 1] > 0.8

@@ -3,7 +3,6 @@ independent computations, the page rendered in headless Chromium, W&B offline ru
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -17,7 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 from scipy import stats
 
-from analyses.jobs.dashboard import flat_summary, log_report_to_wandb, run_group, wandb_mode
+from analyses.jobs.base import run_group
+from analyses.jobs.dashboard import flat_summary, log_report_to_wandb
+from encoders.wandb_run import encoder_run_name
+from tests.wandb_records import read_offline_run
 from analyses.jobs.report import ALL_VOXELS, build_report
 from analyses.methods.stats import paired_test
 from analyses.methods.voxels import common_voxels
@@ -255,71 +257,55 @@ def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     assert result.returncode == 0 and shot.stat().st_size > 20_000
 
 
-def read_wandb_records(path: Path):
-    """Records of a W&B transaction log (.wandb): a 7-byte header (":W&B", magic, version), then
-    LevelDB-style 32 KiB blocks of chunks (crc32 4 B, length 2 B, type 1 B: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, buf = 7, b""
-    while pos + 7 <= len(data):
-        space = 32768 - pos % 32768
-        if space < 7:
-            pos += space
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
-
-
-def test_wandb_offline_runs_carry_grouping_tags_summary_and_figures(report, sweep, tmp_path, monkeypatch):
+def test_wandb_report_refers_to_encoder_runs_and_never_duplicates_them(report, sweep, tmp_path, monkeypatch):
+    """The sweep trained without W&B: the first report logs each encoder run once (job_type train, recorded in
+    its run.json) and one analysis run; a second report makes only its own analysis run, referring to them."""
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert wandb_mode() == "offline"  # the default without a key: never waits on a network
-    logged = log_report_to_wandb(report, wandb_dir=tmp_path, progress=False)
-    assert logged.mode == "offline" and len(logged.run_dirs) == len(report.runs) + 1
-    assert all(d.parent == tmp_path / "wandb" and d.name.startswith("offline-run-") for d in logged.run_dirs)
-    by_name = {run.name: run for run in report.runs}
-    seen = set()
-    for run_dir in logged.run_dirs:
-        records = list(read_wandb_records(next(run_dir.glob("*.wandb"))))
-        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-        updates = [u for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update]
-        summary = {u.key: json.loads(u.value_json) for u in updates if u.key}
-        summary.update({u.nested_key[0]: "nested" for u in updates if not u.key and u.nested_key})
-        assert run.run_group == sweep.name
-        if run.job_type == "report":
-            images = sorted((run_dir / "files" / "media" / "images").rglob("*.png"))
-            assert len(images) == len(report.figures)
-            runs_table = json.loads(next((run_dir / "files" / "media" / "table").glob("runs_*.table.json")).read_text())
-            assert sorted(row[0] for row in runs_table["data"]) == sorted(by_name)
-            assert {k.removeprefix("figures/") for k in summary if k.startswith("figures/")} == \
-                {f["path"].stem for f in report.figures}
-            continue
-        source = by_name[run.display_name]
-        seen.add(run.display_name)
-        assert run.job_type == "summary"
-        assert list(run.tags) == [source.backbone, source.head, "synthetic", "subj1"]
-        flat = flat_summary(source.metrics)
-        assert summary["test/r_mean"] == pytest.approx(source.metrics["test"]["r_mean"])
-        assert summary["test/roi/FFA-1/nc_r2_mean"] == pytest.approx(source.metrics["test"]["rois"]["FFA-1"]["nc_r2_mean"])
-        assert {k for k in flat} <= set(summary)
-        tables = list((run_dir / "files" / "media" / "table").glob("roi_results_*.table.json"))
-        table = json.loads(tables[0].read_text())
-        assert len(table["data"]) == sum(len(block["rois"]) for block in source.metrics.values())
-    assert seen == set(by_name)
+    assert all(run.wandb is None for run in report.runs)
+    try:
+        logged = log_report_to_wandb(report, wandb_dir=tmp_path, progress=False)
+        assert logged.mode == "offline" and len(logged.run_dirs) == len(report.runs) + 1 and not logged.referenced
+        assert all(d.parent == tmp_path / "wandb" and d.name.startswith("offline-run-") for d in logged.run_dirs)
+        assert logged.sync == "wandb sync " + " ".join(str(d) for d in logged.run_dirs)
+        by_name = {run.name: run for run in report.runs}
+        seen = set()
+        for run_dir in logged.run_dirs:
+            written = read_offline_run(run_dir)
+            summary = written.summary
+            assert written.run.run_group == sweep.name
+            if written.run.job_type == "analysis":
+                assert written.run.display_name == f"report · {sweep.name}"
+                images = written.media("images")
+                assert len(images) == len(report.figures)
+                runs_table = json.loads(next(p for p in written.media("table") if p.name.startswith("runs_")).read_text())
+                assert sorted(row[0] for row in runs_table["data"]) == sorted(by_name)
+                assert {k.split("/")[1] for k in summary if k.startswith("figures/")} == {f["path"].stem for f in report.figures}
+                continue
+            source = next(r for r in report.runs if encoder_run_name(r) == written.run.display_name)
+            seen.add(source.name)
+            assert written.run.job_type == "train" and source.wandb["id"] == written.run.run_id  # recorded in run.json
+            assert list(written.run.tags) == [source.backbone, source.head, "synthetic", "subj1"]
+            assert written.config["backbone"]["name"] == source.backbone
+            assert summary["test/r_mean"] == pytest.approx(source.metrics["test"]["r_mean"])
+            assert summary["test/roi/FFA-1/nc_r2_median"] == pytest.approx(source.metrics["test"]["rois"]["FFA-1"]["nc_r2_median"])
+            assert set(flat_summary(source.metrics)) <= set(summary)
+            table = json.loads(next(p for p in written.media("table") if p.name.startswith("roi_results_")).read_text())
+            assert len(table["data"]) == sum(len(block["rois"]) for block in source.metrics.values())
+        assert len(seen) == len(by_name)
+
+        again = log_report_to_wandb(build_report(sweep, progress=False), wandb_dir=tmp_path, progress=False)
+        assert len(again.run_dirs) == 1 and sorted(again.referenced) == sorted(logged.run_ids[:-1])
+        assert read_offline_run(again.run_dirs[0]).run.job_type == "analysis"
+    finally:  # the module's other tests see the runs as trained
+        for run in report.runs:
+            info = json.loads(run.file("run.json").read_text())
+            info.pop("wandb", None)
+            run.file("run.json").write_text(json.dumps(info))
+            run.__dict__.pop("info", None)
     # A run that trained with logger=wandb keeps its group.
     assert run_group({"logger": {"wandb": {"group": "synthetic"}}}, sweep.name) == "synthetic"
     assert run_group({"logger": {"csv": {}}}, sweep.name) == sweep.name
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode() == "online"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert wandb_mode() == "offline"
 
 
 @pytest.mark.slow  # the CLI end to end; fast: build_report and the W&B dashboard above
@@ -333,6 +319,7 @@ def test_cli_report_and_its_errors(sweep, tmp_path):
     assert (out / "report.html").exists() and "4 runs, 1 failed jobs, 5 figures" in proc.stdout
     assert (out / "scatter_nc_r2_tiny_vit_vs_tiny_linear_synthetic_1.png").exists()  # the pair asked for
     assert "W&B (offline): 5 runs" in proc.stdout and len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 5
+    assert "upload with: wandb sync " in proc.stdout
     # Errors are FileNotFoundError/ValueError, which analyze.py prints as one `error:` line (exit 2);
     # none of them writes anything.
     empty = tmp_path / "empty"

@@ -72,6 +72,12 @@ def test_train_writes_the_run_directory(make_cfg, synthetic_root, tmp_path):
     voxels = np.load(run / "voxel_metrics.npz")
     n_vox = metrics["test"]["n_voxels"]
     assert voxels["test_r"].shape == voxels["test_nc"].shape == (n_vox,)
+    # The headline summaries, from the per-voxel values kept beside them (threshold from conf/train.yaml).
+    test, nc = metrics["test"], voxels["test_nc"]
+    reliable = nc > cfg.metrics.nc_threshold
+    assert test["nc_threshold"] == 10.0 and test["n_reliable"] == int(reliable.sum()) > 0
+    assert test["nc_r2_median"] == pytest.approx(float(np.nanmedian(voxels["test_nc_r2"])), rel=1e-5)
+    assert test["nc_r2_mean_reliable"] == pytest.approx(float(np.nanmean(voxels["test_nc_r2"][reliable])), rel=1e-5)
     assert voxels["voxel_xyz"].shape == (n_vox, 3) and voxels["roi_FFA-1"].sum() == metrics["test"]["rois"]["FFA-1"]["n_voxels"]
     np.testing.assert_allclose(np.nanmean(voxels["test_r"]), metrics["test"]["r_mean"], rtol=1e-5)
 

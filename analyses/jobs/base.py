@@ -15,7 +15,8 @@ A job has
 * or once over all runs (``scope = "sweep"``): ``compute_all(runs, target)``, ``write_all``, ``show_all``.
 
 The base owns the rest: finding the runs, the loop, the console, and W&B (``log_files``: a job's figures
-and tables in a W&B run of the encoder run's group, when its ``wandb`` option says so).
+and tables in a ``job_type="analysis"`` W&B run of the encoder run's group that refers to the encoder run,
+when its ``wandb`` option says so).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from rich.console import Console
 
 from analyses.jobs.console import print_notes
 from encoders.run_dir import RunDir, require_runs
-from encoders.wandb_mode import wandb_mode
+from encoders.wandb_run import analysis_run, run_mode, sync_line
 
 JOBS: dict[str, type["Job"]] = {}
 
@@ -85,30 +86,13 @@ class JobOptions:
 
 
 # ----------------------------------------------------------------------------- W&B
+# The runs themselves (modes, names, groups, what an encoder run logs) are encoders/wandb_run.py's.
 
 
 def run_group(config: dict, default: str) -> str:
     """The W&B group a run trained under (logger.wandb.group in its config), else ``default``."""
     group = ((config.get("logger") or {}).get("wandb") or {}).get("group")
     return str(group) if group else default
-
-
-def run_tags(info: dict) -> list[str]:
-    """[backbone, head, dataset, subj<N>] from run.json (as conf/logger/wandb.yaml tags training runs)."""
-    data = info.get("data", {})
-    return [str(info.get("backbone", "?")), str(info.get("head", "?")), str(data.get("dataset", "?")),
-            f"subj{data.get('subject', '?')}"]
-
-
-def wandb_init(*, directory: str | Path, project: str, group: str, name: str, job_type: str, tags: Sequence[str],
-               config: dict, mode: str | None = None):
-    """A new W&B run (offline unless ``encoders.wandb_mode`` says otherwise), files under ``directory``."""
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
-    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
-    return wandb.init(project=project, dir=str(directory), mode=mode or wandb_mode(), group=group, name=name,
-                      job_type=job_type, tags=list(tags), config=config, reinit="create_new", settings=settings)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -240,18 +224,15 @@ class Job:
         return choice != "auto" or "wandb" in (run.config.get("logger") or {})
 
     def log_files(self, run: RunDir, files: Sequence[Path], summary: dict | None = None) -> str | None:
-        """Log a run's figures (PNG -> wandb.Image) and tables (CSV -> wandb.Table), and ``summary``'s numbers,
-        to a W&B run named ``<job>-<run>`` in the run's group, when ``wants_wandb``. Returns the W&B run
-        directory, or None when nothing was logged."""
+        """Log a run's figures (PNG -> wandb.Image) and tables (CSV -> wandb.Table), and ``summary``'s numbers
+        (as ``<job>/<key>``), when ``wants_wandb``: in a ``job_type="analysis"`` W&B run of the encoder run's
+        group that names the encoder run in its config (``encoders.wandb_run.analysis_run``; never a second
+        encoder run). Prints the ``wandb sync`` line of an offline run. Returns the W&B run directory, or None."""
         if not self.wants_wandb(run):
             return None
         import wandb
 
-        config = run.config
-        wb = wandb_init(directory=run.path, project=((config.get("logger") or {}).get("wandb") or {}).get("project", "brainprobe"),
-                        group=run_group(config, run.path.parent.name), name=f"{self.name}-{run.path.name}",
-                        job_type=f"analysis-{self.name}", tags=run_tags(run.info),
-                        config={"run_dir": str(run.path), **self.options.as_dict()})
+        wb = analysis_run(run, self.name, config={"options": self.options.as_dict()})
         try:
             payload = {}
             for path in files:
@@ -264,10 +245,12 @@ class Job:
             wb.log(payload)
             wb.summary.update({f"{self.name}/{k}": v for k, v in (summary or {}).items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
-            directory = wb.dir
+            directory, mode = str(Path(wb.dir).parent), run_mode(wb)
         finally:
             wb.finish()
-        return str(Path(directory).parent)
+        if mode == "offline":
+            self.console.print(f"W&B (offline): upload with: {sync_line([directory])}", soft_wrap=True)
+        return directory
 
     def notes(self, notes: Sequence[str]) -> None:
         print_notes(self.console, notes)

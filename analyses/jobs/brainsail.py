@@ -47,6 +47,7 @@ from analyses.methods import attribution as attr
 from datamodules.errors import DataError
 from datamodules.image_folder import image_files, read_image
 from encoders.distill import FILLS, distill, make_views
+from encoders.progress import track
 from encoders.run_dir import SPLIT, RunDir
 from encoders.run_record import write_json
 
@@ -330,7 +331,9 @@ def map_images(setup: Setup, opts: BrainSAILOptions, console: Console) -> Maps:
     agree = {pair: [] for pair in pairs}
     console.print(f"BrainSAIL: {len(source)} images x {len(setup.views)} views, {len(primary.columns)} columns, "
                   f"{primary.dense.method} dense features at {size} px ({primary.dense.grid}x{primary.dense.grid} patches)")
-    for start in range(0, len(source), opts.batch_size):
+    n = len(source)
+    for start in track(range(0, n, opts.batch_size), "BrainSAIL distillation", total=n, unit="images",
+                       size=lambda s: min(opts.batch_size, n - s)):
         idx = range(start, min(start + opts.batch_size, len(source)))
         images = [source.image(k) for k in idx]
         disp = display_images(images, size)
@@ -350,7 +353,6 @@ def map_images(setup: Setup, opts: BrainSAILOptions, console: Console) -> Maps:
             cap_r.append(attr.map_correlation(primary.maps[primary.latest], attr.caption_maps(feats, setup.text)))
         for a, b in pairs:
             agree[(a, b)].append(_agreement(encoders[a], encoders[b], primary.columns, size))
-        console.print(f"  {idx.stop}/{len(source)} images")
     return Maps(np.concatenate(predicted), {k: np.concatenate(v) for k, v in props.items()},
                 np.concatenate(cap_r) if setup.categories is not None else None,
                 {k: np.concatenate(v) for k, v in agree.items()})

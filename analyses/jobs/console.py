@@ -1,12 +1,13 @@
-"""Printing for every job: the console, number formatting, tables and progress bars (rich)."""
+"""Printing for every job: the console, number formatting, tables and progress (``encoders.progress``)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from encoders.progress import Progress
 
 
 def fmt(value, digits: int = 3, spec: str = "f") -> str:
@@ -30,10 +31,9 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence], right: S
 
 
 def progress_bar(enabled: bool = True, console: Console | None = None) -> Progress:
-    """A rich progress bar (step counts, elapsed time) shown on a terminal only, so logs stay clean."""
-    console = console or Console()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    return Progress(*columns, console=console, transient=True, disable=not enabled or not console.is_terminal)
+    """Progress of a job's steps (``encoders.progress.Progress``): a rich bar on a terminal, a line at most
+    every ~30 s in a log; ``add_task(description, total)``, ``advance(task)``."""
+    return Progress(enabled, console=console)
 
 
 def print_notes(console: Console, notes: Iterable[str]) -> None:

@@ -300,9 +300,11 @@ class ReportJob(Job):
                            f"{len(report.figures)} figures, {sum(len(t['rows']) for t in report.tests)} paired tests)")
         logged = getattr(self, "logged", None)
         if logged is not None:
-            self.console.print(f"W&B ({logged.mode}): {len(logged.run_dirs)} runs under {logged.wandb_dir}"
-                               + (f"; upload later with `wandb sync {logged.wandb_dir}/offline-run-*`"
-                                  if logged.mode == "offline" else ""))
+            self.console.print(f"W&B ({logged.mode}): {len(logged.run_dirs)} runs under {logged.wandb_dir} "
+                               f"({len(logged.run_dirs) - 1} new encoder runs, {len(logged.referenced)} referred to)")
+            self.notes(logged.notes)
+            if logged.sync:
+                self.console.print(f"upload with: {logged.sync}")
 
 
 def build_report(directory: str | Path, out_dir: str | Path | None = None, split: str = "test",

@@ -42,17 +42,21 @@ pre { font-size: 0.75rem; white-space: pre-wrap; } code { background: #f4f4f4; p
 <h2 id="runs">Runs</h2>
 <div class="scroll"><table id="runs-table">
 <tr><th class="text">run</th><th class="text">backbone</th><th class="text">layers</th><th class="text">head</th>
-<th class="text">data</th><th>subject</th><th>{{ split }} r</th><th>{{ split }} R²</th><th>{{ split }} NC-R²</th>
+<th class="text">data</th><th>subject</th><th>{{ split }} r</th><th>{{ split }} R² median</th>
+<th>{{ split }} NC-R² median</th><th>{{ split }} NC-R² reliable (n)</th>
 <th>voxels</th><th>val r</th><th>epochs</th><th>wall s</th></tr>
 {% for r in run_rows %}<tr data-run="{{ r.name }}">
 <td class="text"><a href="{{ r.config_href }}">{{ r.name }}</a></td><td class="text">{{ r.backbone }}</td>
 <td class="text">{{ r.layers }}</td><td class="text">{{ r.head }}</td><td class="text">{{ r.dataset }}</td>
-<td>{{ r.subject }}</td><td>{{ r.r }}</td><td>{{ r.r2 }}</td><td>{{ r.nc_r2 }}</td><td>{{ r.voxels }}</td>
+<td>{{ r.subject }}</td><td>{{ r.r }}</td><td>{{ r.r2 }}</td><td>{{ r.nc_r2 }}</td><td>{{ r.nc_r2_reliable }}</td>
+<td>{{ r.voxels }}</td>
 <td>{{ r.val_r }}</td><td>{{ r.epochs }}</td><td>{{ r.wall }}</td></tr>
 {% endfor %}</table></div>
 <p class="note">r: mean over voxels of the Pearson correlation between predicted and measured responses over the
-whole {{ split }} split; R²: mean coefficient of determination; NC-R²: mean of R² divided by each voxel's
-noise ceiling (NC/100). The run name links to its config.yaml.</p>
+whole {{ split }} split; R² median: median over voxels of the coefficient of determination; NC-R²: R² divided by
+each voxel's noise ceiling (NC/100), its median over voxels and its mean over the n reliable voxels, those whose
+noise ceiling exceeds the run's threshold (metrics.nc_threshold, % of variance: {{ thresholds }}) — a plain mean
+of NC-R² can be dominated by a few voxels with a near-zero noise ceiling. The run name links to its config.yaml.</p>
 
 {% if failed %}<h2 id="failed">Failed jobs</h2>
 <div class="scroll"><table id="failed-table">
@@ -137,8 +141,10 @@ def render(*, directory: Path, out_dir: Path, runs, failed, figures, roi_stats, 
         run_rows.append({
             "name": run.name, "config_href": _href(run.file(CONFIG), out_dir), "backbone": run.backbone,
             "layers": ", ".join(run.info.get("layers", [])), "head": run.head, "dataset": run.dataset,
-            "subject": run.subject, "r": fmt(m.get("r_mean")), "r2": fmt(m.get("r2_mean")),
-            "nc_r2": fmt(m.get("nc_r2_mean")), "voxels": fmt(m.get("n_voxels")),
+            "subject": run.subject, "r": fmt(m.get("r_mean")), "r2": fmt(m.get("r2_median")),
+            "nc_r2": fmt(m.get("nc_r2_median")),
+            "nc_r2_reliable": f"{fmt(m.get('nc_r2_mean_reliable'))} ({fmt(m.get('n_reliable'))})",
+            "voxels": fmt(m.get("n_voxels")),
             "val_r": fmt(run.metrics.get("val", {}).get("r_mean")), "epochs": fmt(epochs.get(run.name)),
             "wall": fmt(run.info.get("wall_time_s"), 1)})
     roi_rows = []
@@ -160,6 +166,8 @@ def render(*, directory: Path, out_dir: Path, runs, failed, figures, roi_stats, 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
         title=directory.name, directory=str(directory), runs=runs, failed=failed, split=split,
+        thresholds=", ".join(sorted({f"{t:g}" for r in runs
+                                     if (t := r.metrics.get(split, {}).get("nc_threshold")) is not None})) or "—",
         generated=time.strftime("%Y-%m-%d %H:%M"), run_rows=run_rows, roi_rows=roi_rows, tests=test_blocks,
         figures=[{**f, "src": _href(f["path"], out_dir)} for f in figures], metric_label=metric_label,
         test_label="paired t-test (scipy.stats.ttest_rel)" if test == "ttest_rel"

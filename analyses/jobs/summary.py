@@ -13,24 +13,33 @@ from analyses.jobs.outputs import write_csv
 from encoders.run_dir import RunDir, find_failed, find_runs
 
 
-def summary_rows(runs: list[RunDir], split: str = "test", rois: list[str] | None = None) -> tuple[list[str], list[list]]:
-    """One row per run: backbone, head, data, subject, r, R², NC-R², voxels, wall time, then per-ROI r.
+# (column, metrics.json key): the headline summaries (encoders.metrics.summarize).
+SCORE_COLUMNS = (("r", "r_mean"), ("R2 median", "r2_median"), ("NC-R2 median", "nc_r2_median"),
+                 ("NC-R2 reliable", "nc_r2_mean_reliable"), ("n reliable", "n_reliable"), ("voxels", "n_voxels"))
 
-    Returns (header, rows). ROIs default to every ROI any run reports, in first-seen order.
+
+def summary_rows(runs: list[RunDir], split: str = "test", rois: list[str] | None = None) -> tuple[list[str], list[list]]:
+    """One row per run: backbone, head, data, subject, mean r, median R², median NC-R², mean NC-R² over the
+    reliable voxels (noise ceiling above the run's ``metrics.nc_threshold``) and their count, voxels, the
+    threshold, wall time, then per-ROI mean r.
+
+    Returns (header, rows). ROIs default to every ROI any run reports, in first-seen order. Runs written
+    before the median/reliable summaries existed show None there.
     """
     if rois is None:
         rois = []
         for run in runs:
             rois += [name for name in run.metrics.get(split, {}).get("rois", {}) if name not in rois]
-    header = ["backbone", "head", "data", "subject", "r", "R2", "NC-R2", "voxels", "wall_s"] + [f"r {n}" for n in rois]
+    header = (["backbone", "head", "data", "subject"] + [c for c, _ in SCORE_COLUMNS] + ["NC threshold %", "wall_s"]
+              + [f"r {n}" for n in rois])
     rows = []
     for run in runs:
         m, info = run.metrics.get(split, {}), run.info
         data = info.get("data", {})
         roi_r = [m.get("rois", {}).get(name, {}).get("r_mean") for name in rois]
-        rows.append([info.get("backbone", "?"), info.get("head", "?"), data.get("dataset", "?"),
-                     data.get("subject", "?"), m.get("r_mean"), m.get("r2_mean"), m.get("nc_r2_mean"),
-                     m.get("n_voxels"), info.get("wall_time_s")] + roi_r)
+        rows.append([info.get("backbone", "?"), info.get("head", "?"), data.get("dataset", "?"), data.get("subject", "?")]
+                    + [m.get(key) for _, key in SCORE_COLUMNS] + [m.get("nc_threshold"), info.get("wall_time_s")]
+                    + roi_r)
     return header, rows
 
 
@@ -85,11 +94,14 @@ class SummaryJob(Job):
 
     def show_all(self, result: Summary, files: list[Path]) -> None:
         header, rows = result.header, result.rows
-        console = Console(width=max(120, 12 * len(header)))
+        console = Console(width=max(140, 12 * len(header)))
         main_cols = header.index("wall_s") + 1
+        digits = {"wall_s": 1, "NC threshold %": 1}
         console.print(table(f"{self.options.split} accuracy — {result.target}", header[:main_cols],
-                            [[fmt(v, 1 if name == "wall_s" else 3) for name, v in zip(header, row[:main_cols])]
+                            [[fmt(v, digits.get(name, 3)) for name, v in zip(header, row[:main_cols])]
                              for row in rows], right=[h for h in header if h not in ("backbone", "head", "data")]))
+        console.print("r: mean over voxels; R2, NC-R2 median: over voxels; NC-R2 reliable: mean over the n reliable "
+                      "voxels, whose noise ceiling exceeds the NC threshold (% of variance, metrics.nc_threshold)")
         if len(header) > main_cols:
             console.print(table(f"{self.options.split} mean r per ROI", ["ROI", *[f"{row[0]}/{row[1]}" for row in rows]],
                                 [[name.removeprefix("r "), *[fmt(row[j]) for row in rows]]

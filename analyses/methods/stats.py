@@ -25,6 +25,7 @@ import torch
 
 from encoders import metrics as _metrics
 from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k  # noqa: F401  (re-exported)
+from encoders.progress import track
 
 __all__ = [
     "ConstantColumnWarning", "pearson_r", "r2_score", "count_nan", "fdr_bh", "bootstrap_indices",
@@ -120,7 +121,7 @@ def _as_pair(pred, true) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def bootstrap_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      voxel_batch: int = 4096, device: str = "cpu") -> np.ndarray:
+                      voxel_batch: int = 4096, device: str = "cpu", progress: bool = True) -> np.ndarray:
     """One-sided bootstrap p-value of R² > 0 per voxel (CLIP-MSM): (n_samples, n_voxels) x 2 -> (n_voxels,).
 
     The test rows are resampled with replacement ``n_boot`` times (the same resamples for every
@@ -129,13 +130,15 @@ def bootstrap_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int = 2000, se
     smallest attainable p is 1 / (n_boot + 1)). Each resample is a vector of row counts c, so
     SS_res = c·(t - p)², SS_tot = c·t² - (c·t)²/n are three (n_boot, n) @ (n, voxel_batch)
     float64 products: memory O(n_boot · voxel_batch), never (n_boot, n, n_voxels).
-    NaN where the response is constant. ``device`` may be "cuda".
+    NaN where the response is constant. ``device`` may be "cuda". ``progress``: over the voxel batches
+    (``encoders.progress``: a bar on a terminal, a line every ~30 s elsewhere).
     """
     pred, true = _as_pair(pred, true)
     n, n_vox = true.shape
     counts = torch.from_numpy(_counts(bootstrap_indices(n, n_boot, seed), n)).to(device)
     out = np.empty(n_vox)
-    for start in range(0, n_vox, voxel_batch):
+    for start in track(range(0, n_vox, voxel_batch), f"bootstrap p-values ({n_boot} resamples)", total=n_vox,
+                       unit="voxels", size=lambda s: min(voxel_batch, n_vox - s), enabled=progress):
         t = torch.as_tensor(true[:, start:start + voxel_batch], dtype=torch.float64, device=device)
         p = torch.as_tensor(pred[:, start:start + voxel_batch], dtype=torch.float64, device=device)
         residual2 = (t - p) ** 2
@@ -176,7 +179,7 @@ def block_permutations(n_samples: int, n_perm: int, block: int = 1, seed: int = 
 
 @torch.no_grad()
 def permutation_pvalues(pred: np.ndarray, true: np.ndarray, n_perm: int = 1000, block: int = 1, seed: int = 0,
-                        voxel_batch: int = 8192, device: str = "cpu") -> np.ndarray:
+                        voxel_batch: int = 8192, device: str = "cpu", progress: bool = True) -> np.ndarray:
     """One-sided permutation p-value of r > 0 per voxel: (n_samples, n_voxels) x 2 -> (n_voxels,).
 
     The predicted series is reordered by ``n_perm`` block permutations (:func:`block_permutations`;
@@ -184,13 +187,14 @@ def permutation_pvalues(pred: np.ndarray, true: np.ndarray, n_perm: int = 1000, 
     for every voxel) and r recomputed; p = (1 + #{r_perm >= r}) / (1 + n_perm), never 0
     (permuted r within 1e-6 of r count as ties, i.e. as exceeding). The z-scored columns are float32
     in the permutation loop (one gather per permutation); memory O(n_samples · voxel_batch).
-    NaN where the prediction or response is constant.
+    NaN where the prediction or response is constant. ``progress``: as bootstrap_pvalues.
     """
     pred, true = _as_pair(pred, true)
     n, n_vox = true.shape
     orders = torch.from_numpy(block_permutations(n, n_perm, block, seed)).to(device)
     out = np.empty(n_vox)
-    for start in range(0, n_vox, voxel_batch):
+    for start in track(range(0, n_vox, voxel_batch), f"permutation p-values ({n_perm} permutations)",
+                       total=n_vox, unit="voxels", size=lambda s: min(voxel_batch, n_vox - s), enabled=progress):
         zs = []
         for x in (pred[:, start:start + voxel_batch], true[:, start:start + voxel_batch]):
             x = torch.as_tensor(x, dtype=torch.float64, device=device)
