@@ -4,8 +4,9 @@ One W&B run per encoder run (job_type "summary"): group = the sweep directory's 
 the run already used if it trained with logger=wandb), tags = backbone, head, dataset, subj<N>;
 config = the run's config.yaml and run.json; summary = metrics.json flattened
 ("test/r_mean", "test/roi/FFA-1/nc_r2_mean", ...); a wandb.Table "roi_results" of the per-ROI
-results. One more run (job_type "report", same group) carries the report's figures as wandb.Image
-and the table of every run.
+results. One more run (job_type "report", same group) carries the report's figures as wandb.Image,
+the table of every run and the report's CSV tables (``tables/encoder_table_<dataset>``: the sweep's
+encoder x ROI table with CIs; ``tables/comparisons``: the paired comparisons).
 """
 from __future__ import annotations
 
@@ -17,6 +18,17 @@ from analyses.jobs.console import progress_bar
 from encoders.wandb_mode import wandb_mode
 
 ROI_COLUMNS = ("r_mean", "r_median", "r2_mean", "nc_r2_mean", "n_voxels", "n_nan")
+
+
+def csv_table(path: Path):
+    """A CSV file (header row first) as a wandb.Table (e.g. the report's encoder x ROI table, comparisons)."""
+    import csv
+
+    import wandb
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return wandb.Table(columns=rows[0], data=rows[1:])
 
 
 def flat_summary(metrics: dict) -> dict[str, float]:
@@ -94,7 +106,8 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
                                              "nc_r2_mean", "n_voxels"],
                                     data=[[r.name, r.backbone, r.head, r.dataset, r.subject,
                                            *[r.metrics.get(report.split, {}).get(k) for k in
-                                             ("r_mean", "r2_mean", "nc_r2_mean", "n_voxels")]] for r in report.runs])})
+                                             ("r_mean", "r2_mean", "nc_r2_mean", "n_voxels")]] for r in report.runs]),
+                **{f"tables/{p.stem}": csv_table(p) for p in getattr(report, "tables", []) if p.suffix == ".csv"}})
         run_dirs.append(Path(wb.dir).parent)
         run_ids.append(wb.id)
         wb.finish()

@@ -133,6 +133,34 @@ def write_job_maps(run: RunDir, maps: Mapping[str, np.ndarray], styles: Mapping[
     return files, []
 
 
+def wen2018_maps(voxels: Mapping[str, np.ndarray], layers: Sequence[str] | None, q: float
+                 ) -> tuple[dict[str, np.ndarray], dict[str, MapStyle]]:
+    """Wen 2018's per-voxel results as maps: ``wen2018_q`` (the Benjamini–Hochberg q of each voxel's accuracy,
+    pictured as −log10 q) and, for runs on ≥ 2 layers, ``wen2018_best_layer`` (0-based index into ``layers``,
+    NaN where no layer scored)."""
+    maps = {"wen2018_q": np.asarray(voxels["p_fdr"], np.float64)}
+    styles = {"wen2018_q": MapStyle(f"−log10 FDR q (significant: > {-np.log10(q):.1f})", "magma", False, 0.0,
+                                    neg_log10=True)}
+    if layers is not None and "best_layer" in voxels:
+        best = np.asarray(voxels["best_layer"], np.float64)
+        maps["wen2018_best_layer"] = np.where(best >= 0, best, np.nan)
+        styles["wen2018_best_layer"] = MapStyle("best layer", categories=tuple(str(x) for x in layers))
+    return maps, styles
+
+
+def clip_msm_maps(S: np.ndarray, labels: np.ndarray, concepts: Sequence[str]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, MapStyle]]:
+    """CLIP-MSM's per-voxel results as maps: ``clip_msm_top_concept`` (0-based index into ``concepts`` of each
+    voxel's hard label) and ``clip_msm_top_share`` (that concept's share of the voxel's multi-semantic map S,
+    (n_concepts, n_voxels) softmax over concepts)."""
+    labels = np.asarray(labels, np.int64)
+    share = np.asarray(S, np.float64)[labels, np.arange(len(labels))]
+    return ({"clip_msm_top_concept": labels.astype(np.float64), "clip_msm_top_share": share},
+            {"clip_msm_top_concept": MapStyle("top concept", categories=tuple(str(c) for c in concepts)),
+             "clip_msm_top_share": MapStyle("share of the top concept (softmax over concepts)", "viridis", False,
+                                            1.0 / max(len(concepts), 1), 1.0)})
+
+
 # ----------------------------------------------------------------------------- differences between encoders
 
 

@@ -32,7 +32,8 @@ VIEWS = ("lateral", "ventral")
 @dataclass(frozen=True)
 class MapStyle:
     """How a map is coloured: label (colour bar), cmap, symmetric around 0, fixed vmin / vmax (None: from the data,
-    the 99th percentile of |values| for symmetric maps), categories (values are 0-based indices into them)."""
+    the 99th percentile of |values| for symmetric maps), categories (values are 0-based indices into them),
+    neg_log10 (draw −log10 of the values, e.g. of q-values; the file keeps the values)."""
 
     label: str
     cmap: str = "RdBu_r"
@@ -40,6 +41,7 @@ class MapStyle:
     vmin: float | None = None
     vmax: float | None = None
     categories: tuple[str, ...] | None = None
+    neg_log10: bool = False
 
 
 METRIC_STYLES = {
@@ -109,13 +111,17 @@ def plot_map(space, values: np.ndarray, voxel_xyz: np.ndarray, path: str | Path,
     """
     path = Path(path)
     values = np.asarray(values, dtype=np.float64)
+    if style.neg_log10:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = -np.log10(np.clip(values, 1e-300, None))
     with warnings.catch_warnings():  # nilearn: NaN outside the voxels becomes 0 (hidden by the threshold)
         warnings.simplefilter("ignore")
         if space.kind == "volume":
             return _plot_volume(space, values, voxel_xyz, path, title, style, background)
         meshes = _meshes(space, surfaces)
         if meshes is None:
-            why = ("no surface mesh: give maps.surfaces={left: <lh mesh>, right: <rh mesh>}" if space.kind == "cifti"
+            why = ("no surface mesh: set maps.surfaces (train.py) or analysis.surfaces (analyze.py) to "
+                   "{left: <lh mesh>, right: <rh mesh>}" if space.kind == "cifti"
                    else f"no surface mesh in {space.describe().get('surface') or 'the dataset'}'s surf/ folder")
             return _plot_distribution(space, values, voxel_xyz, path, f"{title}\n({why})", style, rois)
         return _plot_surfaces(space, values, voxel_xyz, meshes, path, title, style)

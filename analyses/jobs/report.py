@@ -41,6 +41,7 @@ from encoders.run_dir import RunDir, find_failed, find_runs
 METRICS = ("nc_r2", "r", "r2")
 METRIC_LABELS = {"nc_r2": "noise-normalised R² (R²/NC)", "r": "Pearson r", "r2": "R²"}
 SHORT_LABELS = {"nc_r2": "NC-R²", "r": "r", "r2": "R²"}
+INTERVAL_NAMES = {"bca": "BCa", "percentile": "percentile"}
 
 __all__ = ["ALL_VOXELS", "build_report", "ReportJob", "ReportOptions", "Report"]
 
@@ -274,7 +275,7 @@ class ReportJob(Job):
                     f"{o.split} {label} per ROI — {group_title(group)}", path)
                 figures.append({"path": path, "section": "roi", "title": group_title(group),
                                 "caption": f"Mean {o.split} {label} over each ROI's voxels, one bar per run; error "
-                                           f"bars: {o.ci:.0%} {o.interval} bootstrap CI over the test stimuli "
+                                           f"bars: {o.ci:.0%} {INTERVAL_NAMES[o.interval]} bootstrap CI over the test stimuli "
                                            f"({data.resampling['unit']}; {o.n_boot} resamples)."})
                 bar.advance(task)
                 s = scatters.get(group)
