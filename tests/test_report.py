@@ -346,6 +346,9 @@ def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     images = [a for tag, a in page.tags if tag == "img"]
     assert body.get("data-images-checked") == str(len(report.figures)) == str(len(images))
     assert [a.get("data-loaded") for a in images] == ["1"] * len(images), images
+    assert sum(a["src"].startswith("maps/") for a in images) == 6  # the brain maps, decoded by the browser
+    assert [a.get("data-dataset") for tag, a in page.tags if a.get("class") == "encoder-table"] == ["synthetic"]
+    assert sum(a.get("data-best") == "1" for tag, a in page.tags if tag == "td") == len(report.encoder_tables[0]["rois"])
 
     # Control: the same page with one figure missing reports exactly that figure as not loaded.
     broken = tmp_path / "broken"

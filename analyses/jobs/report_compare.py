@@ -29,6 +29,7 @@ from analyses.methods.voxels import common_voxels
 from encoders.run_dir import RunDir
 
 ALL_VOXELS = "all voxels"
+MIN_UNITS = 20  # fewer resampling units than this: the bootstrap distribution is too coarse to trust, say so
 
 
 @dataclass
@@ -121,10 +122,15 @@ class Bootstraps:
         """The run's bootstrap over all its voxels; None (with a note) when it has no predictions."""
         if run.name not in self.runs:
             try:
-                self.runs[run.name] = bootstrap_run(run, *self.args)
+                self.runs[run.name] = boot = bootstrap_run(run, *self.args)
             except (FileNotFoundError, ValueError) as err:
                 self.notes.append(f"{run.name}: no bootstrap ({err}); its CIs and comparisons are left out")
                 self.runs[run.name] = None
+            else:
+                if boot.n_units < MIN_UNITS:
+                    self.notes.append(f"{run.name}: only {boot.n_units} resampling units ({boot.unit}): its CIs "
+                                      f"and p-values are coarse" + (" (a smaller analysis.block gives more)"
+                                                                    if run.is_time_series else ""))
         return self.runs[run.name]
 
     def pair(self, a: RunDir, b: RunDir) -> tuple[RunBootstrap, RunBootstrap] | None:
