@@ -263,10 +263,12 @@ def encoder_table(runs: Sequence[RunDir], boots: Bootstraps, split: str, metric:
         for j, i in enumerate(best):
             if i >= 0:
                 rows[i]["cells"][j]["best"] = True
-        several = any(row["n_subjects"] > 1 for row in rows)
+        kinds = {row["n_subjects"] > 1 for row in rows}
+        across = "t interval across subjects of the per-subject ROI means"
+        within = f"{'BCa' if boots.args[-1] == 'bca' else 'percentile'} bootstrap over the test stimuli"
         tables.append({"dataset": dataset, "metric": metric, "rois": names, "rows": rows,
-                       "ci": ("t interval across subjects of the per-subject ROI means" if several else
-                              f"{'BCa' if boots.args[-1] == 'bca' else 'percentile'} bootstrap over the test stimuli")})
+                       "ci": across if kinds == {True} else within if kinds == {False} else
+                       f"{across} (rows with several subjects); {within} (rows with one)"})
     return tables
 
 

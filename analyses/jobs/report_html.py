@@ -101,7 +101,7 @@ samples. CI: {{ ci_pct }} {{ interval_name }} interval of the resampled differen
 (bias-corrected and accelerated, the acceleration from leaving each unit out once, as
 <code>scipy.stats.bootstrap</code>'s default){% endif %}; p: two-sided, the smallest 1 − level at which that
 interval excludes 0 (so p &lt; 0.05 exactly when the 95 % interval excludes 0); q: Benjamini–Hochberg over the ROI ×
-pair family of each metric and statistic (bold: q &lt; 0.05). ROI masks of run A, at the voxels both runs scored.</p>
+pair family of each metric and statistic (bold: q &lt; 0.05). Each run's ROI masks, at the voxels both runs scored.</p>
 {% if not comparisons %}<p class="note">No pair: every group has a single encoder (or no saved predictions).</p>{% endif %}
 {% for c in comparisons %}<h3>{{ c.a }} (A) vs {{ c.b }} (B) — {{ c.metric_name }} — {{ c.group }}</h3>
 <div class="scroll"><table class="comparison-table" data-a="{{ c.a_run }}" data-b="{{ c.b_run }}" data-metric="{{ c.metric }}">
