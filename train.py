@@ -39,6 +39,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lightning.pytorch.utilities.rank_zero import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write  # noqa: E402
 
+from analyses.jobs.maps import write_training_maps  # noqa: E402  (brain maps at the end of a run)
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
@@ -356,8 +357,9 @@ def train(cfg: DictConfig, run_dir: Path) -> TrainResult:
         return TrainResult(None, model, dm, run_dir)
     metrics = write_run(run, cfg, dm, model.cpu(), features, model.backbone, started, feature_info)
     run.clear_failure()  # an earlier failed attempt in this directory
+    write_training_maps(run, cfg.get("maps"))  # <run>/maps/: brain maps in the dataset's space (+ pictures)
     log.info("test: %s -> %s", headline(metrics["test"]), run_dir)
-    finish_wandb(trainer, run_dir)
+    finish_wandb(trainer, run_dir)  # after the maps: their pictures go into the W&B run
     run_analysis_jobs(cfg, run_dir)
     return TrainResult(metrics, model, dm, run_dir)
 
@@ -407,7 +409,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 # Keys that may change between an interrupted run and its restart.
-RESUME_IGNORED_KEYS = ("logger", "resume", "analyze", "metrics")  # metrics: only how the summaries are made
+RESUME_IGNORED_KEYS = ("logger", "resume", "analyze", "metrics", "maps")  # metrics, maps: only outputs made after the fit
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:

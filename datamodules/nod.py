@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.brain_space import CiftiSpace
 from datamodules.errors import DataError
 from datamodules.fmri_runs import ncsnr_from_repeats
 from datamodules.image_stimuli import ImageDataModule, permute_within_columns
-from datamodules.nod_files import (N_CORTEX, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
+from datamodules.nod_files import (N_CORTEX, RUN_PATTERN, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
                                    read_coco_images, read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import SubjectResponses
 from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns,
@@ -286,6 +287,22 @@ class NODDataModule(ImageDataModule):
                 "shuffle_train_targets": self.shuffle_train_targets, "n_voxels": self.n_voxels,
                 "n_dropped_voxels": d.n_dropped, "n_images": {s: int(len(i)) for s, i in self.split_ids.items()},
                 **d.info, "stimulus_names": list(self.images.names)}
+
+    @classmethod
+    def brain_space(cls, config: dict, description: dict) -> CiftiSpace:
+        """The grayordinates of a run's voxels (no betas read): the brain models of the first beta file the run
+        read (run.json ``data.runs``), its cortical grayordinates indexed by the run's voxel_xyz[:, 0]."""
+        root, subject = config.get("root", description.get("root")), config.get("subject", description.get("subject"))
+        if root is None or subject is None:
+            raise DataError("the run's data config has no root / subject to find its space from")
+        paths = NODPaths(Path(root), int(subject))
+        runs = [m for name in description.get("runs") or [] if (m := RUN_PATTERN.fullmatch(str(name)))]
+        run = Run(runs[0].group(1), runs[0].group(2), int(runs[0].group(3))) if runs else paths.runs()[0]
+        n_cortex = int(config.get("n_cortex", description.get("n_cortex", N_CORTEX)))
+        try:
+            return CiftiSpace.from_file(paths.betas(run), n_cortex)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{err} (the file that defines the run's grayordinates)") from None
 
     @classmethod
     def open_stimuli(cls, config: dict, description: dict) -> ImageFiles:

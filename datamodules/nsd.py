@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datamodules.brain_space import SurfaceSpace, VolumeSpace
 from datamodules.errors import DataError
 from datamodules.fmri_runs import ncsnr_from_trial_sums
 from datamodules.image_stimuli import ImageDataModule, permute_within_columns
@@ -485,6 +486,25 @@ class NSDDataModule(ImageDataModule):
             ids.append(stims)
             values.append(betas)
         return np.concatenate(ids).astype(np.int64), np.concatenate(values)
+
+    @classmethod
+    def brain_space(cls, config: dict, description: dict) -> VolumeSpace | SurfaceSpace:
+        """The space of a run's voxels, from config.yaml's ``data`` section and run.json's ``data`` (no betas
+        read): volumes -> the grid, affine and header of the run's ``roi_mask`` file (with the subject's T1 /
+        mean EPI in that space when present); surfaces -> the vertex counts of its lh/rh files (with the
+        inflated surfaces and sulcal depth when present). ``brain_space.py`` writes maps in it."""
+        root, subject = config.get("root", description.get("root")), config.get("subject", description.get("subject"))
+        if root is None or subject is None:
+            raise DataError("the run's data config has no root / subject to find its space from")
+        space = config.get("space", description.get("space", "func1pt8mm"))
+        paths = NSDPaths(Path(root), int(subject), space, config.get("beta_format", description.get("beta_format")))
+        roi_mask = config.get("roi_mask", description.get("roi_mask", "nsdgeneral"))
+        try:
+            if paths.surface:
+                return SurfaceSpace.from_files(paths.roi_files(roi_mask), space, paths.meshes())
+            return VolumeSpace.from_file(paths.roi(roi_mask), paths.anatomy())
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{err} (the file that defines the run's {space} space)") from None
 
     def describe(self) -> dict:
         """What the run records about its data: split ids, voxels, sessions, options."""

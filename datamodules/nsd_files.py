@@ -149,6 +149,24 @@ class NSDPaths:
     def ctab(self, name: str) -> Path:
         return self.label_dir / f"{name}.mgz.ctab"
 
+    def anatomy(self) -> dict[str, Path]:
+        """Volumes: the subject's T1 and mean EPI resampled to this space (NSD data manual, "Functional data
+        (general)": ``nsddata/ppdata/subjXX/<space>/T1_to_<space>.nii.gz`` and ``mean.nii.gz``), whether or
+        not they exist; surfaces: {}."""
+        if self.surface:
+            return {}
+        folder = self.root / "nsddata/ppdata" / self.subj / self.space
+        return {"T1": folder / f"T1_to_{self.space}.nii.gz", "mean EPI": folder / "mean.nii.gz"}
+
+    def meshes(self) -> dict[str, dict[str, Path]]:
+        """Surfaces: FreeSurfer's inflated surface and sulcal depth of each hemisphere
+        (``nsddata/freesurfer/{subjXX,fsaverage}/surf/{lh,rh}.{inflated,sulc}``), whether or not they exist."""
+        if not self.surface:
+            return {}
+        surf = self.label_dir.parent / "surf"
+        return {side: {"inflated": surf / f"{h}.inflated", "sulc": surf / f"{h}.sulc"}
+                for side, h in (("left", "lh"), ("right", "rh"))}
+
     def sessions(self) -> list[int]:
         """Session numbers with a betas file on disk (surfaces: an lh file), sorted."""
         if not self.betas_dir.is_dir():

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.brain_space import CiftiSpace
 from datamodules.errors import DataError
 from datamodules.fmri_runs import (RepeatMoments, detrend_polynomial, invalid_columns, ncsnr_from_noise_variance,
                                    zscore_time)
@@ -298,6 +299,18 @@ class VideoDataModule(ResponseDataModule):
         return VideoFrames(VideoPaths(Path(config["root"]), int(config["subject"]), config.get("stimuli_dir", "stimuli")),
                            description["stimuli"], int(description["n_volumes"]), float(description["tr"]),
                            float(description["fps"]))
+
+    @classmethod
+    def brain_space(cls, config: dict, description: dict) -> CiftiSpace:
+        """The grayordinates of a run's vertices (no fMRI read): the brain models of its first stimulus's first
+        run (run.json ``data.stimuli``), whose first ``n_cortex`` columns the run's voxel_xyz[:, 0] index."""
+        paths = VideoPaths(Path(config["root"]), int(config["subject"]), config.get("stimuli_dir", "stimuli"))
+        stimuli = description.get("stimuli") or segment_names("seg", config.get("train_segments", 1))
+        n_cortex = int(config.get("n_cortex", description.get("n_cortex", 59412)))
+        try:
+            return CiftiSpace.from_file(paths.cifti(stimuli[0], 1), n_cortex)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{err} (the file that defines the run's grayordinates)") from None
 
     def describe(self) -> dict:
         """What the run records about its data: segments per split, vertices, preprocessing options."""

@@ -8,6 +8,7 @@ and ``encoders.trained.load_trained`` read through it.
     run.is_time_series                                    # recorded by the datamodule at training time
     run.encoder()                                         # the trained encoder (encoders.trained)
     run.stimuli().image(i)                                # the run's images, opened by its own datamodule class
+    run.brain_space(); run.write_maps({"test_r": r})        # the dataset's own space (its datamodule class), maps/
     find_runs("outputs/multirun/<date>")                  # every run at or below a directory
 
 Layout (users and scripts rely on it)::
@@ -29,6 +30,8 @@ Layout (users and scripts rely on it)::
     ridge_cv.npz         closed-form ridge heads: alphas, best_alphas, cv_scores
     checkpoints/last.ckpt, csv/metrics.csv   Lightning's checkpoint and CSV log
     failed.json          a failed sweep job: {"error", "type", "overrides", "traceback"}
+    maps/                brain maps in the dataset's own space (write_maps: <name>.nii.gz, {lh,rh}.<name>.mgh or
+                         <name>.dscalar.nii, NaN outside the run's voxels) and their pictures <name>.png
 
 This module reads and writes files only; it imports neither ``analyses`` nor ``datamodules`` (the run's
 datamodule class is resolved from its config, as Hydra instantiated it). Every file is written atomically
@@ -59,6 +62,7 @@ PREDICTIONS = "predictions.npz"
 HEAD = "head.pt"
 RIDGE_CV = "ridge_cv.npz"
 FAILED = "failed.json"
+MAPS = "maps"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 CSV_LOG = "csv/metrics.csv"
 SPLITS = ("train", "val", "test")
@@ -415,6 +419,34 @@ class RunDir:
             raise ValueError(f"{self.path}: its datamodule {cls.__name__} serves no images")
         return cls.open_stimuli(self.data_config, self.data)
 
+    def brain_space(self):
+        """The dataset's own space of the run's voxels, asked of its datamodule class from what the run recorded
+        (``datamodules.brain_space``: VolumeSpace, SurfaceSpace or CiftiSpace; no responses are read).
+        ValueError (one line) when the class has none or the file that defines the space is gone."""
+        cls = self.datamodule_class
+        if not hasattr(cls, "brain_space"):
+            raise ValueError(f"{self.path}: its datamodule {cls.__name__} has no brain space to write maps in")
+        return cls.brain_space(self.data_config, self.data)
+
+    @property
+    def maps_dir(self) -> Path:
+        """``<run>/maps/``: the run's brain maps in its dataset's space (see ``write_maps``)."""
+        return self.path / MAPS
+
+    def write_maps(self, maps: dict[str, np.ndarray], space=None, folder: str | os.PathLike | None = None) -> list[Path]:
+        """Write per-voxel maps {name: (n_voxels,)} in the run's space under ``maps/`` (or ``folder``):
+        ``<name>.nii.gz`` (volumes), ``{lh,rh}.<name>.mgh`` (surfaces) or ``<name>.dscalar.nii`` (CIFTI), NaN
+        outside the run's voxels, each file written atomically. Returns the files written."""
+        return write_maps(folder or self.maps_dir, space or self.brain_space(), self.voxel_xyz, maps)
+
+    def read_map(self, name: str, space=None, folder: str | os.PathLike | None = None) -> np.ndarray:
+        """A map written by ``write_maps``, read back at the run's voxels: (n_voxels,) float32."""
+        return (space or self.brain_space()).decode(Path(folder or self.maps_dir), name, self.voxel_xyz)
+
+    def map_files(self) -> list[Path]:
+        """The files under ``maps/``, sorted (none when the folder is absent)."""
+        return sorted(p for p in self.maps_dir.iterdir() if p.is_file()) if self.maps_dir.is_dir() else []
+
     def ground_truth(self) -> dict | None:
         """The planted ground truth at the run's voxels, from a synthetic dataset's datamodule
         (``SyntheticDataModule.ground_truth``); None for any other data."""
@@ -445,6 +477,21 @@ class RunDir:
         from encoders.trained import load_trained
 
         return load_trained(self, device=device, check_weights=check_weights)
+
+
+def write_maps(folder: str | os.PathLike, space, voxel_xyz: np.ndarray, maps: dict[str, np.ndarray]) -> list[Path]:
+    """Per-voxel maps {name: (n_voxels,)} at ``voxel_xyz`` in ``space`` (a ``datamodules.brain_space`` space,
+    whose ``encode`` gives each file's bytes) -> files under ``folder``, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, values in maps.items():
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"map name {name!r}: expected a plain file name stem")
+        for file_name, data in space.encode(name, values, voxel_xyz).items():
+            atomic_write(folder / file_name, lambda f, data=data: f.write(data))
+            written.append(folder / file_name)
+    return written
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

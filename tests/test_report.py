@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from analyses.jobs.base import run_group
 from analyses.jobs.dashboard import flat_summary, log_report_to_wandb
 from encoders.wandb_run import encoder_run_name
 from tests.wandb_records import read_offline_run
+from analyses.jobs.maps import MapsJob, MapsOptions
 from analyses.jobs.report import ALL_VOXELS, build_report
 from analyses.methods.stats import paired_test
 from analyses.methods.voxels import common_voxels
@@ -104,16 +106,19 @@ def test_report_compares_every_run_and_lists_failed_jobs(report, sweep):
     assert run_rows == {f"{i}_{b}_{h}" for i, (b, h) in enumerate(SWEEP_RUNS)}
     assert [a["data-job"] for tag, a in page.tags if "data-job" in a] == ["4_tiny_mlp"]
     assert any(FAILED["error"] in row and "DataError" in row for row in page.rows)
-    # Figures: a bar chart and a scatter per (head, dataset, subject) group, one learning-curve figure.
-    assert sorted(f["section"] for f in report.figures) == ["curves", "roi", "roi", "scatter", "scatter"]
+    # Figures: a bar chart and a scatter per (head, dataset, subject) group, one learning-curve figure, a brain
+    # map per run and a difference map per group.
+    assert sorted(f["section"] for f in report.figures) == ["curves"] + ["maps"] * 6 + ["roi"] * 2 + ["scatter"] * 2
     images = [a["src"] for tag, a in page.tags if tag == "img"]
-    assert sorted(images) == sorted(f["path"].name for f in report.figures)
+    assert sorted(images) == sorted(str(f["path"].relative_to(report.out_dir)) for f in report.figures)
     assert all((report.html.parent / src).stat().st_size > 1000 for src in images)
     # Nothing from a server or the network: every src/href is a relative path.
     refs = [a.get(k) for _, a in page.tags for k in ("src", "href") if a.get(k)]
     assert refs and not any(":" in ref or ref.startswith("/") for ref in refs)
     assert all((report.html.parent / ref).exists() for ref in refs)
     assert not [t for t, a in page.tags if t == "link" or (t == "script" and "src" in a)]
+    # The unit of resampling is said in the page.
+    assert "Unit of resampling: test images (n = 150)." in " ".join(report.html.read_text().split())
 
 
 def test_roi_means_and_errors_match_metrics_json_and_scipy(report):
@@ -142,30 +147,131 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_paired_tests_between_backbones_match_a_direct_computation(report):
-    pairs = {(t["a"].name, t["b"].name) for t in report.tests}
+def roi_score(run: RunDir, metric: str, roi: str, statistic=np.mean) -> float:
+    """An ROI's mean/median per-voxel score recomputed from predictions.npz with scipy (independently), in float64;
+    a prediction constant to rounding (var <= 1e-12 · Σp², training's rule) has no r."""
+    pr = run.predictions("test")
+    pred, true = pr.pred.astype(np.float64), pr.true.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = np.array([stats.pearsonr(pred[:, v], true[:, v])[0] for v in range(true.shape[1])])
+    r[((pred - pred.mean(0)) ** 2).sum(0) <= 1e-12 * (pred ** 2).sum(0)] = np.nan
+    ss = ((true - pred) ** 2).sum(0) / ((true - true.mean(0)) ** 2).sum(0)
+    score = {"r": r, "r2": 1 - ss, "nc_r2": (1 - ss) / (run.voxels().values("test", "nc") / 100)}[metric]
+    mask = np.ones(len(score), bool) if roi == ALL_VOXELS else run.rois()[roi]
+    x = score[mask]
+    return float(statistic(x[np.isfinite(x)]))
+
+
+def test_paired_comparisons_are_over_test_images_with_fdr_over_the_roi_pair_family(report):
+    pairs = {(r["a"].name, r["b"].name) for r in report.comparisons}
     assert pairs == {("0_tiny_linear", "2_tiny_vit_linear"), ("1_tiny_ridge", "3_tiny_vit_ridge")}
-    for t in report.tests:
-        a, b = t["a"].voxels().values("test", "nc_r2"), t["b"].voxels().values("test", "nc_r2")
-        masks = t["a"].rois()
-        assert [r["roi"] for r in t["rows"]] == [ALL_VOXELS] + [n for n in report.rois if n in masks]
-        for row in t["rows"]:
-            sel = np.ones(len(a), bool) if row["roi"] == ALL_VOXELS else masks[row["roi"]]
-            d = (a - b)[sel]
-            d = d[np.isfinite(d)]
-            assert row["n"] == d.size
-            if d.size < 2:
-                continue
-            t_stat = d.mean() / (d.std(ddof=1) / np.sqrt(d.size))
-            np.testing.assert_allclose(row["stat"], t_stat, rtol=1e-9)
-            np.testing.assert_allclose(row["p"], 2 * stats.t.sf(abs(t_stat), d.size - 1), rtol=1e-6)
-            np.testing.assert_allclose(row["diff"], d.mean(), rtol=1e-9, atol=1e-12)
-        p = np.array([r["p"] for r in t["rows"]])
-        finite = np.isfinite(p)
-        np.testing.assert_allclose(np.array([r["q"] for r in t["rows"]])[finite], benjamini_hochberg(p[finite]))
+    assert {(r["metric"], r["statistic"]) for r in report.comparisons} == \
+        {(m, s) for m in ("nc_r2", "r") for s in ("mean", "median")}
+    rows = {(r["a"].name, r["roi"], r["metric"], r["statistic"]): r for r in report.comparisons}
+    for (a_name, roi, metric, statistic), row in list(rows.items())[:: 7]:
+        fn = np.mean if statistic == "mean" else np.median
+        assert row["value_a"] == pytest.approx(roi_score(row["a"], metric, roi, fn), abs=2e-5)
+        assert row["value_b"] == pytest.approx(roi_score(row["b"], metric, roi, fn), abs=2e-5)
+        assert row["diff"] == pytest.approx(row["value_a"] - row["value_b"], abs=1e-12)
+        assert row["ci_low"] <= row["ci_high"] and 0 < row["p"] <= 1
+        assert (row["p"] < 0.05) == (row["ci_low"] > 0 or row["ci_high"] < 0) or abs(row["p"] - 0.05) < 0.01
+    for run in report.runs:  # the observed means are train.py's own (metrics.json); every ROI has a CI
+        (row,) = [r for r in report.comparisons if run in (r["a"], r["b"]) and r["roi"] == ALL_VOXELS
+                  and (r["metric"], r["statistic"]) == ("r", "mean")]
+        assert (row["value_a"] if row["a"] is run else row["value_b"]) == pytest.approx(
+            run.metrics["test"]["r_mean"], abs=1e-5)
+        assert all(lo < hi for lo, hi in report.roi_ci[run.name].values())
+    for family in {(r["metric"], r["statistic"]) for r in report.comparisons}:
+        members = [r for r in report.comparisons if (r["metric"], r["statistic"]) == family]
+        assert len(members) == 2 * (1 + len(report.rois))  # ROI x pair
+        np.testing.assert_allclose([r["q"] for r in members], benjamini_hochberg(np.array([r["p"] for r in members])))
+    # tiny beats tiny_vit overall on this dataset (the planted signal is low-level): a clear, significant difference
+    overall = rows["1_tiny_ridge", ALL_VOXELS, "nc_r2", "mean"]
+    assert overall["ci_low"] > 0 and overall["q"] < 0.05
     page = parse(report.html.read_text())
-    tables = [a for tag, a in page.tags if tag == "table" and a.get("class") == "tests-table"]
-    assert {(a["data-a"], a["data-b"]) for a in tables} == pairs
+    tables = [a for tag, a in page.tags if tag == "table" and a.get("class") == "comparison-table"]
+    assert {(a["data-a"], a["data-b"]) for a in tables} == pairs and len(tables) == 4
+    assert (report.out_dir / "comparisons.csv").read_text().count("\n") == len(report.comparisons) + 1
+
+
+def test_the_sweep_as_one_encoder_by_roi_table(report):
+    (t,) = report.encoder_tables
+    assert t["dataset"] == "synthetic" and t["metric"] == "nc_r2" and t["rois"] == [ALL_VOXELS, *report.rois]
+    by_model = {row["model"]: row for row in t["rows"]}
+    assert set(by_model) == {"tiny / linear", "tiny / ridge", "tiny_vit / linear", "tiny_vit / ridge"}
+    runs = {f"{r.backbone} / {r.head}": r for r in report.runs}
+    values = np.array([[c["value"] for c in row["cells"]] for row in t["rows"]])
+    for row in t["rows"]:
+        run = runs[row["model"]]
+        assert row["runs"] == [run.name] and row["n_subjects"] == 1
+        expected = [run.metrics["test"]["nc_r2_mean"]] + [run.metrics["test"]["rois"][r]["nc_r2_mean"] for r in report.rois]
+        np.testing.assert_allclose([c["value"] for c in row["cells"]], expected, atol=2e-5)
+        assert all(c["ci_low"] < c["value"] < c["ci_high"] for c in row["cells"][:1])
+    assert list(values[:, 0]) == sorted(values[:, 0], reverse=True)  # sorted by the all-voxels value
+    best = np.array([[c["best"] for c in row["cells"]] for row in t["rows"]])
+    assert (best.sum(0) == 1).all() and np.array_equal(best.argmax(0), np.nanargmax(values, 0))
+    md = (report.out_dir / "encoder_table_synthetic.md").read_text()
+    assert md.count("**") == 2 * len(t["rois"]) and md.splitlines()[0].startswith("| encoder | all voxels |")
+    page = parse(report.html.read_text())
+    marked = [a for tag, a in page.tags if tag == "td" and a.get("data-best") == "1"]
+    assert len(marked) == len(t["rois"])
+
+
+def test_across_subjects_with_a_second_subject(report, sweep, tmp_path):
+    """Two of the runs copied as a second subject (their predictions perturbed): the per-subject differences
+    and their t-test across subjects (= scipy.stats.ttest_rel of the per-subject ROI means)."""
+    two = tmp_path / "two_subjects"
+    rng = np.random.default_rng(0)
+    for name in ("1_tiny_ridge", "3_tiny_vit_ridge"):
+        shutil.copytree(sweep / name, two / name)
+        copy = two / f"s2_{name}"
+        shutil.copytree(sweep / name, copy)
+        info = json.loads((copy / "run.json").read_text())
+        info["data"]["subject"] = 2
+        (copy / "run.json").write_text(json.dumps(info))
+        with np.load(copy / "predictions.npz") as f:
+            arrays = dict(f)
+        arrays["test_pred"] = arrays["test_pred"] + rng.normal(0, 0.5, arrays["test_pred"].shape).astype(np.float32)
+        np.savez_compressed(copy / "predictions.npz", **arrays)
+    rep = build_report(two, n_boot=200, maps=False, progress=False)
+    rows = [r for r in rep.subject_tests if r["metric"] == "r" and r["statistic"] == "mean"]
+    assert {(r["a"], r["b"]) for r in rows} == {("tiny", "tiny_vit")} and all(r["n"] == 2 for r in rows)
+    runs = {r.name: RunDir(two / r.name) for r in rep.runs}
+    for row in rows[:3]:
+        a = [roi_score(runs[n], "r", row["roi"]) for n in ("1_tiny_ridge", "s2_1_tiny_ridge")]
+        b = [roi_score(runs[n], "r", row["roi"]) for n in ("3_tiny_vit_ridge", "s2_3_tiny_vit_ridge")]
+        ref = stats.ttest_rel(a, b)
+        assert row["diff"] == pytest.approx(np.mean(np.subtract(a, b)), abs=2e-5)
+        assert row["t"] == pytest.approx(ref.statistic, rel=1e-3) and row["p"] == pytest.approx(ref.pvalue, rel=1e-3)
+    np.testing.assert_allclose([r["q"] for r in rows], benjamini_hochberg(np.array([r["p"] for r in rows])))
+    (t,) = rep.encoder_tables
+    assert {row["n_subjects"] for row in t["rows"]} == {2} and "across subjects" in t["ci"]
+    assert (rep.out_dir / "subject_comparisons.csv").exists()
+
+
+def test_maps_written_at_training_and_the_difference_between_encoders(sweep, tmp_path):
+    """train.py wrote every run's maps (NIfTI on the ROI files' grid + pictures); analysis=maps over the sweep
+    writes the difference of each group's two encoders, A − B at every voxel."""
+    import nibabel as nib
+    for name in ("0_tiny_linear", "3_tiny_vit_ridge"):
+        run = RunDir(sweep / name)
+        assert {p.name for p in run.map_files()} == {f"test_{m}.{ext}" for m in ("r", "r2", "nc_r2")
+                                                      for ext in ("nii.gz", "png")}
+        img = nib.load(run.maps_dir / "test_nc_r2.nii.gz")
+        x, y, z = run.voxel_xyz.T
+        np.testing.assert_array_equal(np.asarray(img.dataobj)[x, y, z], run.voxels()["test_nc_r2"])
+    job = MapsJob(MapsOptions(metrics=["r"], compare_metrics=["nc_r2"], pictures=False, wandb=False))
+    job.execute(sweep)
+    folder = sweep / "maps" / "0_tiny_linear_minus_2_tiny_vit_linear"
+    a, b = RunDir(sweep / "0_tiny_linear"), RunDir(sweep / "2_tiny_vit_linear")
+    diff = np.asarray(nib.load(folder / "diff_test_nc_r2.nii.gz").dataobj)[tuple(a.voxel_xyz.T)]
+    ia, ib = common_voxels(a.voxel_xyz, b.voxel_xyz)
+    expected = np.full(len(a.voxel_xyz), np.nan, np.float32)
+    expected[ia] = (a.voxels().values("test", "nc_r2")[ia] - b.voxels().values("test", "nc_r2")[ib]).astype(np.float32)
+    np.testing.assert_array_equal(diff, expected)
+    assert (sweep / "maps" / "1_tiny_ridge_minus_3_tiny_vit_ridge" / "diff_test_nc_r2.nii.gz").exists()
+    assert not (sweep / "maps" / "0_tiny_linear_minus_1_tiny_ridge").exists()  # same encoder: no pair
 
 
 def test_paired_test_wilcoxon_and_degenerate_inputs():
@@ -242,6 +348,9 @@ def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     images = [a for tag, a in page.tags if tag == "img"]
     assert body.get("data-images-checked") == str(len(report.figures)) == str(len(images))
     assert [a.get("data-loaded") for a in images] == ["1"] * len(images), images
+    assert sum(a["src"].startswith("maps/") for a in images) == 6  # the brain maps, decoded by the browser
+    assert [a.get("data-dataset") for tag, a in page.tags if a.get("class") == "encoder-table"] == ["synthetic"]
+    assert sum(a.get("data-best") == "1" for tag, a in page.tags if tag == "td") == len(report.encoder_tables[0]["rois"])
 
     # Control: the same page with one figure missing reports exactly that figure as not loaded.
     broken = tmp_path / "broken"
@@ -281,6 +390,13 @@ def test_wandb_report_refers_to_encoder_runs_and_never_duplicates_them(report, s
                 runs_table = json.loads(next(p for p in written.media("table") if p.name.startswith("runs_")).read_text())
                 assert sorted(row[0] for row in runs_table["data"]) == sorted(by_name)
                 assert {k.split("/")[1] for k in summary if k.startswith("figures/")} == {f["path"].stem for f in report.figures}
+                (table_file,) = [p for p in written.media("table") if p.name.startswith("encoder_table_synthetic")]
+                encoder_table = json.loads(table_file.read_text())
+                assert encoder_table["columns"][:3] == ["encoder", "n_subjects", "roi"]
+                assert len(encoder_table["data"]) == \
+                    len(report.encoder_tables[0]["rows"]) * len(report.encoder_tables[0]["rois"])
+                assert {k.split("/")[1] for k in summary if k.startswith("tables/")} == {"encoder_table_synthetic",
+                                                                                         "comparisons"}
                 continue
             source = next(r for r in report.runs if encoder_run_name(r) == written.run.display_name)
             seen.add(source.name)
@@ -316,7 +432,8 @@ def test_cli_report_and_its_errors(sweep, tmp_path):
                            f"analysis.wandb_dir={tmp_path / 'wb'}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (out / "report.html").exists() and "4 runs, 1 failed jobs, 5 figures" in proc.stdout
+    assert (out / "report.html").exists() and "4 runs, 1 failed jobs, 11 figures" in proc.stdout
+    assert "NC-R² per ROI, synthetic" in proc.stdout and "★" in proc.stdout  # the encoder x ROI table, printed
     assert (out / "scatter_nc_r2_tiny_vit_vs_tiny_linear_synthetic_1.png").exists()  # the pair asked for
     assert "W&B (offline): 5 runs" in proc.stdout and len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 5
     assert "upload with: wandb sync " in proc.stdout
@@ -327,7 +444,8 @@ def test_cli_report_and_its_errors(sweep, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(empty)):
         build_report(empty, progress=False)
     assert not (empty / "report").exists()
-    for bad, match in ((dict(metric="accuracy"), "analysis.metric"), (dict(test="anova"), "analysis.test"),
+    for bad, match in ((dict(metric="accuracy"), "analysis.metric"), (dict(interval="t"), "analysis.interval"),
+                       (dict(n_boot=10), "analysis.n_boot"),
                        (dict(scatter=["tiny"]), "analysis.scatter"), (dict(rois=["V1v", "FFA-9"]), "FFA-9"),
                        (dict(split="train"), "analysis.split")):
         with pytest.raises(ValueError, match=match):

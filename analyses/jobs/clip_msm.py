@@ -54,6 +54,7 @@ from rich.console import Console
 from analyses.jobs import clip_msm_figures as figures
 from analyses.jobs.base import Job, JobOptions
 from analyses.jobs.console import fmt, print_notes, table
+from analyses.jobs.maps import clip_msm_maps, write_job_maps
 from analyses.jobs.outputs import write_csv
 from analyses.methods import dissect
 from datamodules.errors import DataError
@@ -507,10 +508,13 @@ class ClipMSMJob(Job):
     def write(self, run: RunDir, result: dict) -> list[Path]:
         out = self.out_dir(run)
         result["out_dir"] = out
-        return write_run(result, out, self.options)
+        map_files, result["map_notes"] = write_job_maps(  # <run>/maps/: top concept and its share in the data's space
+            run, *clip_msm_maps(result["main"]["S"], result["main"]["labels"], self.options.concepts))
+        return write_run(result, out, self.options) + map_files
 
     def show(self, run: RunDir, result: dict) -> None:
         _print_run(self.console, result["label_rows"], result["loc_rows"], self.options)
+        print_notes(self.console, result.get("map_notes", []))
 
     def combine(self, results: list[tuple[RunDir, dict]]) -> dict:
         notes: list[str] = []

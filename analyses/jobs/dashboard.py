@@ -7,6 +7,8 @@ without W&B gets its encoder run once, with the same content training would have
 "train", ``encoders.wandb_run.log_encoder_run``), and its id is recorded in its run.json, so a second
 report refers to it instead of making another. Then one ``job_type="analysis"`` run in the sweep's group
 carries the report's figures, the table of every run (with its W&B id) and the per-ROI results of all runs.
+Its CSV tables go there too: ``tables/encoder_table_<dataset>`` (the sweep's encoder x ROI table with CIs)
+and ``tables/comparisons`` (the paired comparisons).
 """
 from __future__ import annotations
 
@@ -20,6 +22,17 @@ from encoders.wandb_run import (JOB_ANALYSIS, JOB_TRAIN, encoder_group, encoder_
                                 init_run, log_encoder_run, roi_rows, run_mode, run_record, run_tags, sync_line)
 
 RUN_COLUMNS = ("r_mean", "r2_median", "nc_r2_median", "nc_r2_mean_reliable", "n_reliable", "n_voxels")
+
+
+def csv_table(path: Path):
+    """A CSV file (header row first) as a wandb.Table (e.g. the report's encoder x ROI table, comparisons)."""
+    import csv
+
+    import wandb
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return wandb.Table(columns=rows[0], data=rows[1:])
 
 
 @dataclass
@@ -108,6 +121,7 @@ def log_report_to_wandb(report, project: str = "brainprobe", wandb_dir: str | Pa
                    *[r.metrics.get(report.split, {}).get(k) for k in RUN_COLUMNS]] for r in report.runs])
         if roi_data:
             payload["roi_results"] = wandb.Table(columns=roi_columns, data=roi_data)
+        payload.update({f"tables/{p.stem}": csv_table(p) for p in getattr(report, "tables", []) if p.suffix == ".csv"})
         wb.log(payload)
         logged.mode = run_mode(wb)
         logged.run_dirs.append(Path(wb.dir).parent)

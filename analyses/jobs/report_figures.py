@@ -21,11 +21,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def roi_bar_chart(labels: Sequence[str], rois: Sequence[str],
-                  stats: Sequence[Mapping[str, tuple[float, float, int]]], ylabel: str, title: str,
+                  stats: Sequence[Mapping[str, tuple[float, float, float]]], ylabel: str, title: str,
                   path: Path) -> Path:
-    """Grouped bars: one group per ROI, one bar per run, height = mean, error bar = ±1 SE.
+    """Grouped bars: one group per ROI, one bar per run, height = mean, error bar = its CI [low, high].
 
-    labels: one per run; stats: one per run, ROI -> (mean, SE, n) (a missing ROI draws no bar).
+    labels: one per run; stats: one per run, ROI -> (mean, CI low, CI high) (a missing ROI draws no bar, a NaN
+    CI no error bar).
     """
     n_runs, n_rois = len(labels), len(rois)
     width = 0.8 / max(n_runs, 1)
@@ -33,9 +34,10 @@ def roi_bar_chart(labels: Sequence[str], rois: Sequence[str],
     x = np.arange(n_rois)
     colors = plt.get_cmap("tab10")
     for k, (label, run_stats) in enumerate(zip(labels, stats)):
-        means = np.array([run_stats.get(r, (np.nan, np.nan, 0))[0] for r in rois])
-        ses = np.array([run_stats.get(r, (np.nan, np.nan, 0))[1] for r in rois])
-        ax.bar(x + (k - (n_runs - 1) / 2) * width, means, width, yerr=np.nan_to_num(ses), capsize=2,
+        mean, lo, hi = (np.array([run_stats.get(r, (np.nan,) * 3)[i] for r in rois], dtype=np.float64)
+                        for i in range(3))
+        errors = np.nan_to_num(np.vstack([mean - lo, hi - mean]).clip(min=0))
+        ax.bar(x + (k - (n_runs - 1) / 2) * width, mean, width, yerr=errors, capsize=2,
                label=label, color=colors(k % 10), error_kw={"elinewidth": 0.8})
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x, rois, rotation=60, ha="right", fontsize=8)

@@ -51,6 +51,7 @@ from rich.table import Table
 from analyses.jobs import wen2018_figures as figures
 from analyses.jobs.base import Job, JobOptions
 from analyses.jobs.console import fmt
+from analyses.jobs.maps import wen2018_maps, write_job_maps
 from analyses.jobs.outputs import write_csv
 from analyses.methods import categories as cat
 from datamodules.errors import DataError
@@ -444,6 +445,9 @@ class Wen2018Job(Job):
             files += write_categories(result.categories, out, title)
         np.savez_compressed(out / "voxels.npz", **{k: np.asarray(v) for k, v in result.voxels.items()})
         files.append(out / "voxels.npz")
+        map_files, map_notes = write_job_maps(run, *wen2018_maps(  # <run>/maps/: q and best layer in the data's space
+            result.voxels, result.best_layer["layers"] if result.best_layer is not None else None, self.options.q))
+        files, result.notes = files + map_files, result.notes + map_notes
         (out / "notes.json").unlink(missing_ok=True)  # never a stale one from an earlier analysis
         if result.notes:
             write_json(out / "notes.json", {"notes": result.notes})

@@ -29,7 +29,7 @@ from encoders.progress import track
 
 __all__ = [
     "ConstantColumnWarning", "pearson_r", "r2_score", "count_nan", "fdr_bh", "bootstrap_indices",
-    "bootstrap_pvalues", "block_permutations", "permutation_pvalues", "noise_ceiling", "noise_ceiling_k",
+    "bootstrap_pvalues", "resample_counts", "jackknife_counts", "bootstrap_scores", "block_permutations", "permutation_pvalues", "noise_ceiling", "noise_ceiling_k",
     "nc_normalised_r2", "nc_normalised_r", "roi_summary", "paired_ttest",
 ]
 
@@ -154,6 +154,63 @@ def bootstrap_pvalues(pred: np.ndarray, true: np.ndarray, n_boot: int = 2000, se
         pvals = (((ss_res >= ss_tot) | degenerate).to(torch.float64).sum(0) + 1) / (n_boot + 1)
         pvals[constant] = float("nan")
         out[start:start + voxel_batch] = pvals.cpu().numpy()
+    return out
+
+
+def resample_counts(units: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """A bootstrap over units of rows: units (n_rows,) a label per row (a test image's id, a block of TRs; the
+    rows of one unit are drawn together) -> (n_boot, n_rows) float64, how often each row is in each resample.
+
+    Each resample draws the n_units units with replacement (:func:`bootstrap_indices` over the sorted unique
+    labels, so two runs with the same labels get the same resamples); a row counts as often as its unit.
+    """
+    _, inverse = np.unique(np.asarray(units), return_inverse=True)
+    n_units = int(inverse.max()) + 1 if inverse.size else 0
+    return _counts(bootstrap_indices(n_units, n_boot, seed), n_units)[:, inverse.ravel()]
+
+
+def jackknife_counts(units: np.ndarray) -> np.ndarray:
+    """Leave-one-unit-out weights: units (n_rows,) -> (n_units, n_rows) float64, row i = 1 everywhere except 0 on
+    the rows of the i-th unit (sorted labels), for BCa's acceleration (``analyses.methods.compare``)."""
+    labels, inverse = np.unique(np.asarray(units), return_inverse=True)
+    return (inverse.ravel()[None, :] != np.arange(len(labels))[:, None]).astype(np.float64)
+
+
+@torch.no_grad()
+def bootstrap_scores(pred: np.ndarray, true: np.ndarray, counts: np.ndarray, nc_percent: np.ndarray | None = None,
+                     voxel_batch: int = 1024, device: str = "cpu") -> dict[str, np.ndarray]:
+    """Per-voxel r, R² and R²/NC on every resample: pred, true (n_samples, n_voxels), counts (n_boot, n_samples)
+    (:func:`resample_counts`; a row of ones is the observed data) -> {"r", "r2", "nc_r2"}, each (n_boot, n_voxels)
+    float32 ("nc_r2" only with ``nc_percent`` (n_voxels,), the noise ceiling in % of variance, held fixed).
+
+    Each resample is a vector of row counts c, so the weighted sums Σc·p, Σc·t, Σc·p², Σc·t², Σc·p·t and
+    Σc·(t − p)² are six (n_boot, n) @ (n, voxel_batch) float64 products (columns centred first), and r and R²
+    follow from them as in training (``encoders.metrics.scores_from_sums``, with n = Σc): memory
+    O(n_boot · voxel_batch) besides the output, never (n_boot, n_samples, n_voxels). NaN where a resample's
+    response (or prediction, for r) is constant.
+    """
+    pred, true = _as_pair(pred, true)
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[1] != true.shape[0]:
+        raise ValueError(f"counts {counts.shape} must be (n_boot, n_samples={true.shape[0]})")
+    n_vox = true.shape[1]
+    c = torch.from_numpy(counts).to(device)
+    n = c.sum(1, keepdim=True)
+    out = {k: np.empty((len(counts), n_vox), np.float32) for k in ("r", "r2")}
+    for start in range(0, n_vox, voxel_batch):
+        sl = slice(start, start + voxel_batch)
+        t = torch.as_tensor(true[:, sl], dtype=torch.float64, device=device)
+        p = torch.as_tensor(pred[:, sl], dtype=torch.float64, device=device)
+        res = (t - p) ** 2
+        constant = [(x - x.mean(0)).pow(2).sum(0) <= 1e-12 * torch.clamp((x * x).sum(0), min=1e-300) for x in (p, t)]
+        t, p = t - t.mean(0), p - p.mean(0)  # r and the variances are shift-invariant; sums stay well conditioned
+        scores = _metrics.scores_from_sums(n, c @ p, c @ t, c @ (p * p), c @ (t * t), c @ (p * t), c @ res)
+        scores["r"][:, constant[0] | constant[1]] = float("nan")  # as encoders.metrics: judged on the raw columns
+        scores["r2"][:, constant[1]] = float("nan")
+        for k in out:
+            out[k][:, sl] = scores[k].cpu().numpy()
+    if nc_percent is not None:
+        out["nc_r2"] = nc_normalised_r2(out["r2"], np.asarray(nc_percent, np.float64)[None, :]).astype(np.float32)
     return out
 
 
