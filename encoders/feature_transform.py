@@ -1,8 +1,8 @@
 """What turns backbone outputs into the head's input: fitted at training time, saved with the head.
 
     t = FeatureTransform(n_features=64)
-    t.fit(train, blocks=backbone.feature_slices)            # every run: robust standardisation (train.py)
     t.set_frame_stage(reducer)                              # video runs: the datamodule's fitted FeatureReducer
+    t.fit(train, blocks=backbone.feature_slices)            # every run: robust standardisation (train.py)
     z = t.from_backbone(raw)      # backbone features (n, F) -> head input (n, n_features): frame stage, standardisation
     z = t.standardise(x)          # per-sample features (n, n_features) -> head input (standardisation only)
     state = t.state(); FeatureTransform.from_state(state)   # what head.pt holds
@@ -33,8 +33,8 @@ Stages, in the order training applied them:
 
    Why: with plain training-statistics z-scoring, a unit nearly silent in training (a random-init ReLU
    unit, a unit constant over a small training set) reaches |z| in the thousands on held-out stimuli,
-   and one such unit ruins a voxel's predictions (random-init AlexNet on the video and NOD demos: test
-   R² −10 to −2400 with positive r). ``std_floor=None, clip=False`` is plain z-scoring (std floored at
+   and one such unit ruins a voxel's predictions (random-init AlexNet on the video and NOD demos: mean
+   test R² −5 to −23 with positive r). ``std_floor=None, clip=False`` is plain z-scoring (std floored at
    1e-6·max), as head.pt files written before the guard keep doing. For video runs these are statistics
    of the per-TR features.
 
