@@ -317,7 +317,8 @@ class VideoDataModule(ResponseDataModule):
         return {"dataset": self.name, "root": str(self.root), "subject": self.subject,
                 "segments": self.split_stimuli, "train_repeats": self.train_repeats,
                 "test_repeats": self.test_repeats, "frame_stride": self.frame_stride, "hrf": self.hrf,
-                "pca_variance": self.pca_variance, "frame_scaling": self.frame_scaling, "val_segments": self.val_segments, "seed": self.seed,
+                "pca_variance": self.pca_variance, "frame_scaling": self.frame_scaling,
+                "val_segments": self.val_segments, "seed": self.seed,
                 "n_voxels": self.n_voxels, "n_dropped_voxels": d.n_dropped,
                 "sample_id": "stimulus position x n_volumes + volume, positions in 'stimuli' order",
                 "stimuli": self.stimuli, "n_images": {s: int(len(i)) for s, i in self.split_ids.items()}, **d.info}
