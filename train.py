@@ -45,6 +45,7 @@ from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
 from encoders.extract import ExtractionStats, extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
+from encoders.feature_transform import scaling_options  # noqa: E402
 from encoders.metrics import NC_THRESHOLD, headline, nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402,E501
 from encoders.model import EncodingModel  # noqa: E402
 from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
@@ -228,7 +229,7 @@ def write_run(run: RunDir, cfg: DictConfig, dm, model: EncodingModel, features: 
         "backbone": backbone.spec.name, "layers": backbone.layers, "n_features": backbone.n_features,
         "backbone_spec": backbone.describe(),  # family, model, layers -> modules + pooling, the exact preprocessing
         "head": choices.get("head", type(model.head).__name__), "data": dm.describe(),
-        "features": {**feature_info, "transform": model.transform.describe()},
+        "features": {**feature_info, "transform": model.transform.describe({s: features.get(s) for s in ("val", "test")})},
         "time_series": bool(getattr(dm, "time_series", False)),
         "seed": int(cfg.seed), "git_commit": git_commit(Path(__file__).parent), "versions": package_versions(),
         "python": platform.python_version(), "world_size": int(model.trainer.world_size) if model._trainer else 1,
@@ -303,6 +304,10 @@ def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
             wandb_mode()  # an unknown WANDB_MODE is one line now, not a traceback after feature extraction
         except WandbModeError as err:
             raise ConfigError(str(err)) from None
+    try:
+        scaling_options(cfg.get("feature_scaling"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return run, resume_from
 
 
@@ -318,11 +323,12 @@ def build_model(cfg: DictConfig) -> tuple[EncodingModel, object, dict, dict]:
                           optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                           scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                           seed=int(cfg.seed))
-    model.set_feature_stats(features["train"].mean(0), features["train"].std(0))
     reducer = getattr(dm, "frame_reducer", None)
     if reducer is not None:  # a video run: its frame z-score and PCA become part of the saved transform
         model.transform.set_frame_stage(reducer, temporal={
             "tr": getattr(dm, "tr", None), **{k: feature_info.get(k) for k in ("frame_rate", "hrf", "timing", "detrend_order")}})
+    blocks = backbone.feature_slices if n_features == backbone.n_features else None  # per layer, unless a PCA mixed them
+    model.transform.fit(features["train"], blocks=blocks, **scaling_options(cfg.get("feature_scaling")))
     return model, dm, features, feature_info
 
 

@@ -22,7 +22,7 @@ Sample ids: stimulus position × n_volumes + volume, with positions in ``stimuli
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 # extract(frame ids (n,), stimulus source {file, size, mtime_ns}, make_loader(ids) -> DataLoader of {"x", "id"})
 #   -> (features (n, n_features), status such as "hit" / "built" / "computed")
 FrameExtractor = Callable[[np.ndarray, dict, Callable[[np.ndarray], DataLoader]], tuple[object, str]]
+
+# The frame z-score's robustness (FeatureReducer): std floor (fraction of the layer's median unit std, or
+# None) and clip to the training frames' range. conf/data/video.yaml takes it from train.yaml's feature_scaling.
+FRAME_SCALING = {"std_floor": 0.1, "clip": True}
 
 HEMISPHERES = {"CIFTI_STRUCTURE_CORTEX_LEFT": "cortex_left", "CIFTI_STRUCTURE_CORTEX_RIGHT": "cortex_right"}
 
@@ -176,7 +180,7 @@ class VideoDataModule(ResponseDataModule):
                  detrend_order: int = 4, detrend_features: bool = True, frame_stride: int = 15,
                  hrf: str | dict = "wen", pca_variance: float | None = None, val_segments: int = 2, seed: int = 0,
                  stimuli_dir: str = "stimuli", batch_size: int = 128, frame_batch_size: int = 64,
-                 name: str = "video", timing: str = "released"):
+                 name: str = "video", timing: str = "released", frame_scaling: Mapping | None = None):
         super().__init__(seed, batch_size)
         self.root, self.subject, self.stimuli_dir = Path(root), int(subject), stimuli_dir
         self.train_stimuli = segment_names("seg", train_segments)
@@ -188,6 +192,7 @@ class VideoDataModule(ResponseDataModule):
         self.pca_variance, self.detrend_features = pca_variance, bool(detrend_features)
         self.val_segments, self.frame_batch_size = int(val_segments), frame_batch_size
         self.name, self.timing = name, timing
+        self.frame_scaling = {**FRAME_SCALING, **dict(frame_scaling or {})}
         self._validate()
         self.paths = VideoPaths(self.root, self.subject, stimuli_dir)
         self.data: VideoResponses | None = None
@@ -207,6 +212,10 @@ class VideoDataModule(ResponseDataModule):
                              f"({self.fps:g} fps, TR {self.tr:g} s)")
         hrf_kernel(self.hrf, self.frame_stride / self.fps)  # an unknown preset fails here, not after extraction
         check_timing(self.timing)
+        unknown = sorted(set(self.frame_scaling) - set(FRAME_SCALING))
+        if unknown:
+            raise ValueError(f"data.frame_scaling: unknown key(s) {unknown} (has {sorted(FRAME_SCALING)})")
+        FeatureReducer(None, None, **self.frame_scaling)  # a bad std_floor fails here, not after extraction
 
     @property
     def stimuli(self) -> list[str]:
@@ -268,10 +277,11 @@ class VideoDataModule(ResponseDataModule):
         {layer: slice} for the per-layer PCA. extract(frame ids, stimulus source, make_loader) ->
         (features (n_ids, n_features), status): the backbone pass, e.g. through the feature cache
         (train.py wires it: datamodules never import encoders). The z-score and the PCA are fitted on
-        the train split's frames only (never validation or test).
+        the train split's frames only (never validation or test). What the robust z-score touched is
+        recorded: units floored and constant, and per split the fraction of frame values it clipped.
         """
         frames, status = self.frame_features(backbone, extract)
-        reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance)
+        reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance, **self.frame_scaling)
         reducer.fit(np.concatenate([frames[s] for s in self.split_stimuli["train"]]))
         self.frame_reducer = reducer  # train.py hands it to the encoder, which saves it with the head
         rate = self.fps / self.frame_stride
@@ -286,7 +296,9 @@ class VideoDataModule(ResponseDataModule):
         info = {"frames_per_movie": int(len(self.frame_indices())), "frame_rate": rate, "hrf": self.hrf,
                 "timing": self.timing,
                 "detrend_order": self.detrend_order if self.detrend_features else None,
-                **reducer.describe(), "frame_status": counts}
+                **reducer.describe(), "frame_status": counts,
+                "frame_clipped_fraction": {split: float(np.mean([reducer.clipped_fraction(frames[s]) for s in names]))
+                                           for split, names in self.split_stimuli.items()}}
         return features, info
 
     def image_dataset(self, split: str):
@@ -318,7 +330,8 @@ class VideoDataModule(ResponseDataModule):
         return {"dataset": self.name, "root": str(self.root), "subject": self.subject,
                 "segments": self.split_stimuli, "train_repeats": self.train_repeats,
                 "test_repeats": self.test_repeats, "frame_stride": self.frame_stride, "hrf": self.hrf,
-                "pca_variance": self.pca_variance, "val_segments": self.val_segments, "seed": self.seed,
+                "pca_variance": self.pca_variance, "frame_scaling": self.frame_scaling,
+                "val_segments": self.val_segments, "seed": self.seed,
                 "n_voxels": self.n_voxels, "n_dropped_voxels": d.n_dropped,
                 "sample_id": "stimulus position x n_volumes + volume, positions in 'stimuli' order",
                 "stimuli": self.stimuli, "n_images": {s: int(len(i)) for s, i in self.split_ids.items()}, **d.info}

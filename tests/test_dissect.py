@@ -212,9 +212,13 @@ def test_training_size_curve_nested_and_full_size_equals_ridge():
     subsets = nested_image_subsets(ids, [10, 30, 60], seed=1)
     assert set(subsets[0]) <= set(subsets[1]) <= set(subsets[2]) == set(range(60))
     ridge = {"alphas": [0.1, 10.0], "cv": 3}
-    curve = training_size_curve(X, Y, ids, Xt, Yt, [10, 60], ridge=ridge, seed=1)
+    plain = {"std_floor": None, "clip": False}
+    curve = training_size_curve(X, Y, ids, Xt, Yt, [10, 60], ridge=ridge, seed=1, scaling=plain)
     assert curve["r2"].shape == (2, 4) and list(curve["n_rows"]) == [20, 120]
     z = (X - X.mean(0)) / X.std(0, ddof=1)
     zt = (Xt - X.mean(0)) / X.std(0, ddof=1)
     full = RidgeCV(alphas=[0.1, 10.0], cv=3).fit(z, Y)
     np.testing.assert_allclose(curve["r2"][1], full.score(zt, Yt), atol=1e-5)
+    # the default is train.py's robust scaling: here nothing floored, the test rows clipped to the training range
+    robust = training_size_curve(X, Y, ids, Xt, Yt, [60], ridge=ridge, seed=1)
+    np.testing.assert_allclose(robust["r2"][0], full.score(np.clip(zt, z.min(0), z.max(0)), Yt), atol=1e-5)

@@ -140,13 +140,15 @@ def test_ncsnr_recovers_a_planted_snr():
 
 
 def test_feature_reducer_fits_on_training_frames_only_and_matches_sklearn():
+    """The plain z-score and PCAs against scikit-learn (the robust floor and clip, the default, are
+    tests/test_feature_transform.py's)."""
     rng = np.random.default_rng(4)
     latent = rng.normal(size=(300, 3))
     train = np.concatenate([latent @ rng.normal(size=(3, 10)), latent @ rng.normal(size=(3, 6))], 1) * 5 + 3
     train += 0.01 * rng.normal(size=train.shape)
     other = rng.normal(size=(40, 16)) * 100
     slices = {"a": slice(0, 10), "b": slice(10, 16)}
-    reducer = FeatureReducer(slices, variance=0.99).fit(train)
+    reducer = FeatureReducer(slices, variance=0.99, std_floor=None, clip=False).fit(train)
     np.testing.assert_allclose(reducer.mean_, train.mean(0))
     np.testing.assert_allclose(reducer.std_, train.std(0))
     z = (train - train.mean(0)) / train.std(0)
@@ -159,7 +161,13 @@ def test_feature_reducer_fits_on_training_frames_only_and_matches_sklearn():
     zo = (other - train.mean(0)) / train.std(0)
     expected = pj.transform(np.concatenate([pa.transform(zo[:, :10]), pb.transform(zo[:, 10:])], 1))
     np.testing.assert_allclose(reducer.transform(other), expected, atol=1e-8)
-    np.testing.assert_allclose(FeatureReducer(slices).fit(train).transform(other), zo)
+    np.testing.assert_allclose(FeatureReducer(slices, std_floor=None, clip=False).fit(train).transform(other), zo)
+    # the robust default: nothing floored here, the held-out frames (100x the training scale) clipped to the
+    # training range, the training frames unchanged
+    robust = FeatureReducer(slices).fit(train)
+    np.testing.assert_allclose(robust.std_, train.std(0))
+    np.testing.assert_allclose(robust.transform(other), np.clip(zo, z.min(0), z.max(0)))
+    np.testing.assert_allclose(robust.transform(train), z)
 
 
 # --------------------------------------------------------------------------- generator

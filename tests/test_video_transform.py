@@ -18,9 +18,9 @@ from encoders.extract import extract_features
 from encoders.run_dir import RunDir
 from train import train
 
-GEN = dict(n_train_segments=4, n_test_segments=1, train_repeats=2, test_repeats=3, n_volumes=16, tr=2.0, fps=4.0,
+GEN = dict(n_train_segments=4, n_test_segments=2, train_repeats=2, test_repeats=3, n_volumes=16, tr=2.0, fps=4.0,
            frame_size=48, n_cortex=40, n_subcortical=4, n_dead=1, seed=3)
-DATA = {"train_segments": 4, "test_segments": 1, "train_repeats": 2, "test_repeats": 3, "n_volumes": 16, "tr": 2.0,
+DATA = {"train_segments": 4, "test_segments": 2, "train_repeats": 2, "test_repeats": 3, "n_volumes": 16, "tr": 2.0,
         "fps": 4.0, "n_cortex": 40, "frame_stride": 2, "val_segments": 1, "pca_variance": 0.9}
 
 
@@ -97,6 +97,9 @@ def test_video_runs_images_and_image_analyses(video_run, tmp_path):
     res = analyse_run(run, Wen2018Options(image_dir=str(folder), n_perm=20, n_perm_modularity=5,
                                           out_subdir="wen2018_test", data_dir=str(tmp_path)))
     assert res["categories"] is not None and res["accuracy"]["method"] == "permutation"
+    # Wen's accuracy per test movie, averaged, next to the pooled r (the movies from the run's sample ids)
+    assert res["accuracy"]["r_per_movie"]["movies"] == ["test1", "test2"]
+    assert np.isfinite(res["accuracy"]["r_per_movie"]["r_mean"])
     assert any("not available for time-series runs" in n for n in res["notes"])
     with pytest.raises(ValueError, match="CLIP-MSM needs a head on the raw CLIP image embedding"):
         load_run_encoder(run)

@@ -74,7 +74,10 @@ def test_load_trained_reproduces_the_run(trained_run):
 
 
 def test_a_head_pt_without_the_saved_transform_still_loads(trained_run, tmp_path):
-    """Runs written before head.pt held the whole transform: the standardisation alone, same predictions."""
+    """Runs written before head.pt held the whole transform: the standardisation alone (plain z-scoring with
+    the saved mean and std, as those runs were trained). This run was trained with the robust clip, which
+    the old format does not hold: its predictions differ from the run's by exactly the head applied to
+    what the clip removed."""
     copy = Path(shutil.copytree(trained_run, tmp_path / "old"))
     state = torch.load(copy / "head.pt", weights_only=False)
     del state["feature_transform"]
@@ -82,8 +85,14 @@ def test_a_head_pt_without_the_saved_transform_still_loads(trained_run, tmp_path
     preds = np.load(copy / "predictions.npz")
     old, new = load_trained(copy), load_trained(trained_run)
     raw = new.cached_features(preds["test_ids"])
-    np.testing.assert_array_equal(old.head_inputs(raw), new.head_inputs(raw))
-    np.testing.assert_allclose(old.predict_features(raw), preds["test_pred"], atol=1e-5)
+    plain = (torch.as_tensor(raw).float() - state["feature_mean"]) / state["feature_std"]
+    np.testing.assert_array_equal(old.head_inputs(raw), plain.numpy())
+    transform = new.transform
+    np.testing.assert_array_equal(new.head_inputs(raw), torch.clamp(plain, transform.lower, transform.upper).numpy())
+    removed = (plain - torch.clamp(plain, transform.lower, transform.upper)).numpy()
+    assert 0 < (removed != 0).mean() < 0.05                  # a few values of the test images were clipped
+    weight = new.model.head.weight.detach().numpy()          # the ridge head: linear
+    np.testing.assert_allclose(old.predict_features(raw) - preds["test_pred"], removed @ weight.T, atol=1e-4)
 
 
 def test_load_trained_refuses_a_different_backbone_and_names_missing_files(trained_run, tmp_path):

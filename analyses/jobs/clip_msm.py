@@ -585,8 +585,11 @@ def training_curve(run: RunEncoder, opts: ClipMSMOptions) -> dict:
     ridge = {"alphas": head.get("alphas"), "cv": int(head.get("cv", 5)), "score": head.get("score", "r2"),
              "shuffle": bool(head.get("shuffle_folds", True)), "seed": int(head.get("seed", enc.config.get("seed", 0)))}
     sizes = resolve_sizes(opts.curve_sizes, len(np.unique(train_ids)), min_size=max(ridge["cv"], 2))
+    # the run's feature scaling (runs trained before it had none: plain z-scoring)
+    scaling = enc.config.get("feature_scaling") or {"std_floor": None, "clip": False}
     curve = training_size_curve(train_x, dm.targets("train"), train_ids, test_x, dm.targets("test"), sizes,
-                                ridge=ridge, seed=opts.curve_seed, device=opts.device)
+                                ridge=ridge, seed=opts.curve_seed, device=opts.device, scaling=scaling,
+                                blocks=enc.feature_slices)
     curve["rois"] = {"all": np.ones(len(run.voxel_xyz), bool), **run.rois}
     return curve
 

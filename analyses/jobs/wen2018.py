@@ -15,7 +15,9 @@ Per run, into ``<run_dir>/wen2018/`` (the README's "Wen 2018 analyses" lists eve
 * accuracy: per-voxel r and R² of the test predictions (predictions.npz), one-sided p-values
   (``significance``: bootstrap of R² over test rows, CLIP-MSM; or block permutation of r, Wen; ``auto``
   = permutation for time-series runs, bootstrap otherwise), Benjamini–Hochberg at ``q``; per ROI the
-  voxel and significant counts and mean ± SE of r, R², noise-ceiling-normalised r.
+  voxel and significant counts and mean ± SE of r, R², noise-ceiling-normalised r. For a video run also
+  Wen's own accuracy next to the pooled r: r within each test movie, averaged over the movies
+  (``r_per_movie``; the movie of each sample from the run, ``RunDir.stimuli().locate``).
   -> accuracy.csv, accuracy.json, accuracy.png
 * best layer (runs trained on >= 2 layers): single-layer predictions of the test images (all other
   layers' standardised features set to 0), explained variance per layer, argmax per voxel; voxel
@@ -119,6 +121,7 @@ class RunData:
     ids: np.ndarray
     rois: dict[str, np.ndarray]
     nc: np.ndarray | None
+    movies: np.ndarray | None = None   # (n,) the test movie of each sample (time-series runs), else None
 
     @property
     def dir(self) -> Path:
@@ -139,7 +142,21 @@ def read_run(run: RunDir | Path, split: str = "test", rois: Sequence[str] | None
     run = run if isinstance(run, RunDir) else RunDir(run)
     preds = run.predictions(split)
     voxels = run.voxels()
-    return RunData(run, preds.pred, preds.true, preds.ids, voxels.rois(rois), voxels.get(split, "nc"))
+    return RunData(run, preds.pred, preds.true, preds.ids, voxels.rois(rois), voxels.get(split, "nc"),
+                   sample_movies(run, preds.ids))
+
+
+def sample_movies(run: RunDir, ids: np.ndarray) -> np.ndarray | None:
+    """The movie each sample id belongs to, for a time-series run whose stimulus source can say
+    (``locate(id)`` -> (movie, frame), as ``datamodules.video_stimuli.VideoFrames``: ids are movie
+    position × n_volumes + volume); None otherwise. Reads run.json only, no movie file."""
+    if not run.is_time_series:
+        return None
+    try:
+        locate = getattr(run.stimuli(), "locate", None)
+        return None if locate is None else np.array([locate(int(i))[0] for i in ids])
+    except (DataError, ValueError, KeyError, IndexError):
+        return None
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -166,24 +183,33 @@ def accuracy(run: RunData, opts: Wen2018Options) -> dict:
     significant = np.nan_to_num(p_fdr, nan=1.0) < opts.q
     predictable = significant & (np.nan_to_num(r, nan=-1.0) > opts.predictable_r)
     nc_r = stats.nc_normalised_r(r, run.nc) if run.nc is not None else np.full_like(r, np.nan)
+    movies, r_movies = (stats.pearson_r_by_group(run.pred, run.true, run.movies) if run.movies is not None
+                        else ([], np.empty((0, r.size))))
+    r_movie = r_movies.mean(0) if len(movies) else np.full_like(r, np.nan)  # Wen: per test movie, averaged
     rois = {"all": np.ones(r.shape, bool), **run.rois}
-    summ_r, summ_r2, summ_nc = (stats.roi_summary(v, rois) for v in (r, r2, nc_r))
+    summ_r, summ_rm, summ_r2, summ_nc = (stats.roi_summary(v, rois) for v in (r, r_movie, r2, nc_r))
     header = ["roi", "n_voxels", "n_nan", "n_significant", "frac_significant", "n_predictable",
-              "r_mean", "r_se", "r2_mean", "r2_se", "nc_r_mean", "nc_r_se"]
+              "r_mean", "r_se", "r_per_movie_mean", "r_per_movie_se", "r2_mean", "r2_se", "nc_r_mean", "nc_r_se"]
     rows = []
     for name, sel in rois.items():
         n = int(sel.sum())
         rows.append([name, n, summ_r[name]["n_nan"], int(significant[sel].sum()),
                      float(significant[sel].mean()) if n else float("nan"), int(predictable[sel].sum()),
-                     summ_r[name]["mean"], summ_r[name]["se"], summ_r2[name]["mean"], summ_r2[name]["se"],
-                     summ_nc[name]["mean"], summ_nc[name]["se"]])
+                     summ_r[name]["mean"], summ_r[name]["se"], summ_rm[name]["mean"], summ_rm[name]["se"],
+                     summ_r2[name]["mean"], summ_r2[name]["se"], summ_nc[name]["mean"], summ_nc[name]["se"]])
+    per_movie = None
+    if len(movies):
+        per_movie = {"movies": [str(m) for m in movies], "r_mean": summ_rm["all"]["mean"], "r_se": summ_rm["all"]["se"],
+                     "r_mean_by_movie": {str(m): float(np.nanmean(v)) for m, v in zip(movies, r_movies)},
+                     "definition": "per voxel: Pearson r within each test movie, averaged over the movies (Wen et al. 2018)"}
     summary = {"split": opts.split, "method": method, **detail, "q": opts.q, "seed": opts.seed,
                "n_samples": int(run.true.shape[0]), "n_voxels": int(r.size), "n_nan": stats.count_nan(r),
                "n_significant": int(significant.sum()), "predictable_r": opts.predictable_r,
                "n_predictable": int(predictable.sum()), "r_mean": summ_r["all"]["mean"],
-               "r_se": summ_r["all"]["se"]}
+               "r_se": summ_r["all"]["se"], "r_per_movie": per_movie}
     return {"r": r, "r2": r2, "p": p, "p_fdr": p_fdr, "significant": significant, "predictable": predictable,
-            "nc_r": nc_r, "header": header, "rows": rows, "summary": summary}
+            "nc_r": nc_r, "r_per_movie": r_movie, "r_movies": r_movies, "movies": [str(m) for m in movies],
+            "header": header, "rows": rows, "summary": summary}
 
 
 # ----------------------------------------------------------------------------- best layer
@@ -404,7 +430,8 @@ class Wen2018Job(Job):
 
         acc = accuracy(data, opts)
         result = Wen2018Result(data, title, acc, notes=notes,
-                               voxels={k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r")})
+                               voxels={k: acc[k] for k in ("r", "r2", "p", "p_fdr", "significant", "predictable", "nc_r",
+                                                           "r_per_movie", "r_movies")})
         n_blocks = acc["summary"].get("n_blocks")
         if n_blocks is not None and math.factorial(min(n_blocks, 20)) * opts.q < 1:
             notes.append(f"significance: {n_blocks} blocks of {opts.block} samples have only {math.factorial(n_blocks)} "
@@ -466,7 +493,11 @@ class Wen2018Job(Job):
         self.notes(result.notes)
 
     def wandb_summary(self, result: Wen2018Result) -> dict:
-        return result.accuracy["summary"]
+        summary = dict(result.accuracy["summary"])
+        per_movie = summary.pop("r_per_movie")
+        if per_movie is not None:
+            summary.update(r_per_movie_mean=per_movie["r_mean"], r_per_movie_se=per_movie["r_se"])
+        return summary
 
     def combine(self, results: list[tuple[RunDir, Wen2018Result]]) -> list[dict]:
         """The sweep form of the best layer over the analysed runs."""
@@ -611,11 +642,19 @@ def sweep_best_layer(run_dirs: Sequence[Path | RunDir], out_dir: Path, split: st
 def _print_accuracy(console: Console, acc: dict, title: str) -> None:
     s = acc["summary"]
     table = Table(title=f"accuracy ({s['method']}, FDR q<{s['q']}) — {title}")
-    for col in ("ROI", "voxels", "significant", "mean r ± SE", "mean NC-r"):
+    per_movie = s.get("r_per_movie") is not None
+    columns = ["ROI", "voxels", "significant", "mean r ± SE"] + (["mean r per movie ± SE"] if per_movie else []) + ["mean NC-r"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "ROI" else "right")
+    at = {name: i for i, name in enumerate(acc["header"])}
     for row in acc["rows"]:
-        table.add_row(row[0], str(row[1]), str(row[3]), f"{fmt(row[6])} ± {fmt(row[7])}", fmt(row[10]))
+        movie = [f"{fmt(row[at['r_per_movie_mean']])} ± {fmt(row[at['r_per_movie_se']])}"] if per_movie else []
+        table.add_row(row[0], str(row[1]), str(row[3]), f"{fmt(row[at['r_mean']])} ± {fmt(row[at['r_se']])}", *movie,
+                      fmt(row[at["nc_r_mean"]]))
     console.print(table)
+    if per_movie:
+        console.print(f"r per test movie (mean over voxels): " + ", ".join(
+            f"{m} {fmt(v)}" for m, v in s["r_per_movie"]["r_mean_by_movie"].items()))
 
 
 def _print_best_layer(console: Console, res: dict) -> None:

@@ -6,6 +6,7 @@ points) and columns voxels. The scores themselves come from :mod:`encoders.metri
 training reports); this module adds what an analysis needs on top of them:
 
     r = pearson_r(pred, true)                          # (n_voxels,), NaN (counted) for constant columns
+    labels, r_g = pearson_r_by_group(pred, true, movie)  # (n_groups, n_voxels): r within each test movie
     p = bootstrap_pvalues(pred, true, n_boot=2000)     # CLIP-MSM: resampled test rows, H0: R² <= 0
     p = permutation_pvalues(pred, true, n_perm=1000, block=20)   # Wen 2018: block permutation of r
     significant = fdr_bh(p) < 0.01
@@ -28,7 +29,7 @@ from encoders.metrics import nc_normalised_r2, noise_ceiling, noise_ceiling_k  #
 from encoders.progress import track
 
 __all__ = [
-    "ConstantColumnWarning", "pearson_r", "r2_score", "count_nan", "fdr_bh", "bootstrap_indices",
+    "ConstantColumnWarning", "pearson_r", "pearson_r_by_group", "r2_score", "count_nan", "fdr_bh", "bootstrap_indices",
     "bootstrap_pvalues", "resample_counts", "jackknife_counts", "bootstrap_scores", "block_permutations", "permutation_pvalues", "noise_ceiling", "noise_ceiling_k",
     "nc_normalised_r2", "nc_normalised_r", "roi_summary", "paired_ttest",
 ]
@@ -58,6 +59,21 @@ def pearson_r(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     prediction or response is constant gets NaN, and a ConstantColumnWarning gives the count.
     """
     return _warn_nan("pearson_r", _metrics.pearson_r(pred, true))
+
+
+def pearson_r_by_group(pred: np.ndarray, true: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel Pearson r within each group of samples (e.g. each test movie of a video run).
+
+    pred, true (n_samples, n_voxels); groups (n_samples,) any labels. Returns (labels (n_groups,) sorted,
+    r (n_groups, n_voxels) float64): row g is ``pearson_r`` over the samples of labels[g] only. Wen et al.
+    (2018) scored each test movie so and averaged the rows (``r.mean(0)``); the pooled r over all samples
+    also counts differences between the movies' mean responses and predictions.
+    """
+    groups = np.asarray(groups)
+    if groups.shape != (np.shape(pred)[0],):
+        raise ValueError(f"groups must have one label per sample ({np.shape(pred)[0]},), got {groups.shape}")
+    labels = np.unique(groups)
+    return labels, np.stack([pearson_r(np.asarray(pred)[groups == g], np.asarray(true)[groups == g]) for g in labels])
 
 
 def r2_score(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

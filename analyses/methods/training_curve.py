@@ -8,7 +8,9 @@ together) and scored on the run's test set; test rows never enter a fit or its a
     curve["r2"], curve["r"]                                          # (n_sizes, n_voxels)
 
 Each subset is standardised with its own statistics, as train.py does for the whole training split
-(mean, unbiased std floored at 1e-6·max), so the full-size point reproduces a ridge run exactly.
+(``encoders.feature_transform.FeatureTransform.fit``: mean, unbiased std, and the run's robust
+``feature_scaling`` — std floor and clip to the subset's range — or plain z-scoring, ``std_floor=None,
+clip=False``, for runs trained before it), so the full-size point reproduces a ridge run exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from encoders.feature_transform import FeatureTransform, scaling_options
 from encoders.metrics import pearson_r, r2_score
 from encoders.ridge import DEFAULT_ALPHAS, RidgeCV
 
@@ -45,21 +48,24 @@ def nested_image_subsets(image_ids: np.ndarray, sizes: Sequence[int], seed: int 
     return [np.sort(order[:n]) for n in sizes]
 
 
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """(x − mean)/std with the training rows' mean and unbiased std (floored at 1e-6·max, as EncodingModel)."""
-    mean, std = train.mean(0), train.std(0)
-    std = std.clamp(min=max(float(std.max()) * 1e-6, 1e-12))
-    return [((x.float() - mean) / std) for x in (train, *others)]
+def standardise(train: torch.Tensor, *others: torch.Tensor, scaling: dict | None = None,
+                blocks: dict | None = None) -> list[torch.Tensor]:
+    """The training rows' standardisation (as train.py fits it: ``FeatureTransform.fit`` with ``scaling``
+    {std_floor, clip}, default train.yaml's robust one; ``blocks`` {layer: columns} for the floor) applied
+    to them and to ``others``: float32 tensors."""
+    t = FeatureTransform(train.shape[1]).fit(train, blocks=blocks, **scaling_options(scaling))
+    return [t.standardise(x) for x in (train, *others)]
 
 
 def training_size_curve(train_x: np.ndarray, train_y: np.ndarray, train_ids: np.ndarray, test_x: np.ndarray,
                         test_y: np.ndarray, sizes: Sequence[int], ridge: dict | None = None, seed: int = 0,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", scaling: dict | None = None, blocks: dict | None = None) -> dict:
     """Per-voxel test R² and r of ridge fits on nested subsets of the training images.
 
     train_x (n_train_rows, d) raw features, train_y (n_train_rows, n_voxels), train_ids (n_train_rows,) the
     image of each row; test_x (n_test, d), test_y (n_test, n_voxels); sizes: image counts (resolve_sizes).
-    ridge: RidgeCV kwargs (alphas, cv, score, shuffle, seed). Returns {"sizes" (n_sizes,), "n_rows"
+    ridge: RidgeCV kwargs (alphas, cv, score, shuffle, seed). scaling, blocks: the standardisation's
+    (``standardise``; the run's ``feature_scaling``). Returns {"sizes" (n_sizes,), "n_rows"
     (n_sizes,), "r2" (n_sizes, n_voxels), "r" (n_sizes, n_voxels), "best_alphas" (n_sizes, n_voxels)}.
     """
     train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
@@ -74,7 +80,8 @@ def training_size_curve(train_x: np.ndarray, train_y: np.ndarray, train_ids: np.
     r2, r, alphas, n_rows = [], [], [], []
     for chosen in subsets:
         rows = np.isin(train_ids, chosen)
-        z_train, z_test = standardise(torch.from_numpy(train_x[rows]), torch.from_numpy(test_x))
+        z_train, z_test = standardise(torch.from_numpy(train_x[rows]), torch.from_numpy(test_x), scaling=scaling,
+                                      blocks=blocks)
         model = RidgeCV(**kwargs, device=device).fit(z_train, torch.as_tensor(train_y[rows]))
         pred = model.predict(z_test)
         r2.append(r2_score(pred, test_y))
