@@ -437,13 +437,13 @@ class RunDirChecks(Callback):
         sweep = self._require(config.hydra.sweep.dir, "sweep directory")
         self.earlier = {p: p.stat().st_mtime_ns for p in sweep.rglob(FAILED)}
         self.refused: list[tuple[str, str]] = []
-        self.hydra_files: dict[str, bytes] = {}  # the .hydra/ files of the runs already in the sweep folder
+        self.hydra_files: dict[str, dict[str, bytes]] = {}  # the .hydra/ files of the runs already in the sweep
         subdir = config.hydra.output_subdir
         if subdir:
             for job_dir in {p.parent for p in sweep.rglob(CONFIG) if p.parent.name != str(subdir)}:
                 if holds_run(job_dir):
-                    self.hydra_files.update({str(f): f.read_bytes() for f in (job_dir / str(subdir)).glob("*")
-                                             if f.is_file()})
+                    files = [f for f in (job_dir / str(subdir)).glob("*") if f.is_file()]
+                    self.hydra_files[os.path.abspath(job_dir)] = {f.name: f.read_bytes() for f in files}
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -453,11 +453,11 @@ class RunDirChecks(Callback):
         if not refusal:
             return
         getattr(self, "refused", []).append((job_dir.name, refusal))
-        subdir, saved = config.hydra.output_subdir, getattr(self, "hydra_files", {})
-        if subdir:  # Hydra rewrote them just before this call: put back what the sweep found there
+        subdir, saved = config.hydra.output_subdir, getattr(self, "hydra_files", {}).get(os.path.abspath(job_dir))
+        if subdir and saved is not None:  # Hydra rewrote them just before this call: put back what was there
             for f in (job_dir / str(subdir)).glob("*"):
-                if str(f) in saved:
-                    f.write_bytes(saved[str(f)])
+                if f.name in saved:
+                    f.write_bytes(saved[f.name])
                 elif f.is_file():
                     f.unlink()
 

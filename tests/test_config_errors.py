@@ -99,7 +99,7 @@ def finished_run(synthetic_root, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- 1. a refused rerun touches nothing
-def test_refused_rerun_leaves_the_run_directory_byte_identical(finished_run, capsys):
+def test_refused_rerun_leaves_the_run_directory_byte_identical(finished_run, capsys, monkeypatch):
     run, args = finished_run
     before = file_hashes(run)
     assert {".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.json"} <= before.keys()
@@ -112,7 +112,8 @@ def test_refused_rerun_leaves_the_run_directory_byte_identical(finished_run, cap
     assert not (run / "failed.json").exists()
 
     # the same as a sweep job (its folder holds the finished run): refused, and Hydra's rewrite of .hydra/ undone
-    code, lines = run_main("train.py", ["-m", *args, "optimizer.lr=0.01,0.02", f"hydra.sweep.dir={run.parent}",
+    monkeypatch.chdir(run.parent.parent)  # a relative sweep dir, as the default outputs/multirun/...
+    code, lines = run_main("train.py", ["-m", *args, "optimizer.lr=0.01,0.02", f"hydra.sweep.dir={run.parent.name}",
                                         f"hydra.sweep.subdir={run.name}"], capsys)
     assert code == 1, lines
     assert error_lines(lines)[-1].startswith("error: 2 job(s) of the sweep were refused (first: run: ")
@@ -202,7 +203,10 @@ def test_config_mistakes_are_named_before_anything_heavy(make_cfg, overrides, me
     ["experiment=demo_nod"], ["trainer=ddp_cpu"], ["precision=bf16-mixed"], ["logger=wandb"], ["scheduler=none"],
 ])
 def test_valid_configs_pass(make_cfg, overrides):
+    deterministic = torch.are_deterministic_algorithms_enabled()
     check_config(resolved_config(make_cfg(overrides)))
+    # the throwaway Trainer's global flags are put back: extraction runs as it would without the check
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
 
 
 def test_options_are_checked_where_they_live():
