@@ -185,7 +185,8 @@ def check_precision(config: Mapping) -> None:
 def head_partial(head: Mapping):
     """The head config built as a partial (nested configs such as a splitter ``cv`` instantiated)."""
     if not head.get("_partial_"):
-        raise ConfigError("head._partial_ must be true: the head's sizes (n_features, n_voxels) are filled in at run time")
+        raise ConfigError("head._partial_ must be true: the head's sizes (n_features, n_voxels) are filled in "
+                          "at run time")
     return _instantiate(head, "head")
 
 
