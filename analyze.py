@@ -18,6 +18,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from analyses.jobs.base import run_job  # noqa: E402
+from encoders.hydra_errors import one_line_hydra_errors  # noqa: E402
 from encoders.weights import WeightsError  # noqa: E402
 
 
@@ -35,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_hydra_errors():  # analysis=sumary, analysis.foo=1, ...: one error line naming the choices, exit 2
+        main()

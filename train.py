@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import os
@@ -43,12 +44,16 @@ from analyses.jobs.maps import write_training_maps  # noqa: E402  (brain maps at
 from datamodules.errors import DataError  # noqa: E402
 from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
+from encoders.config_checks import (ConfigError, check_config, check_data, check_head_training_set,  # noqa: E402
+                                    resolved_config)
 from encoders.extract import ExtractionStats, extract_features  # noqa: E402
 from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.feature_transform import scaling_options  # noqa: E402
+from encoders.hydra_errors import one_line_hydra_errors  # noqa: E402
 from encoders.metrics import NC_THRESHOLD, headline, nc_normalised_r2, noise_ceiling, noise_ceiling_k, summarize, VoxelScores  # noqa: E402,E501
 from encoders.model import EncodingModel  # noqa: E402
-from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, find_failed  # noqa: E402
+from encoders.resume import RunDirInUse, check_run_dir, holds_run, resume_checkpoint  # noqa: E402
+from encoders.run_dir import CONFIG, FAILED, LAST_CHECKPOINT, RunDir, RunFileError, find_failed  # noqa: E402
 from encoders.run_record import git_commit, package_versions  # noqa: E402
 from encoders.storage import StorageError, is_storage_failure, reason, require_writable_dir  # noqa: E402
 from encoders.wandb_mode import WandbModeError, wandb_mode  # noqa: E402  (the one W&B-mode rule, shared with the analyses)
@@ -58,11 +63,7 @@ from encoders.weights import WeightsError  # noqa: E402
 log = logging.getLogger("brainprobe.train")
 
 
-class ConfigError(ValueError):
-    """A config value train.py cannot use; the message names the key."""
-
-
-USER_ERRORS = (DataError, WeightsError, ConfigError, StorageError)
+USER_ERRORS = (DataError, WeightsError, ConfigError, StorageError, RunFileError)
 
 
 def wandb_group(dataset: str, subject) -> str:
@@ -95,18 +96,16 @@ OmegaConf.register_new_resolver("shuffle_folds_for", shuffle_folds_for, replace=
 
 
 def build_datamodule(cfg: DictConfig):
-    """Instantiate the datamodule (generating the embedded synthetic dataset first if asked)."""
+    """Instantiate the datamodule (``check_data``: its arguments checked), generate the embedded synthetic
+    dataset if asked, and read the data (``setup``)."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = check_data(data_cfg, OmegaConf.to_container(cfg.head, resolve=True) if cfg.get("head") else None)
     synthetic = data_cfg.pop("synthetic", None)
     if synthetic:
         ensure_synthetic(data_cfg["root"], **synthetic)
     generator = data_cfg.pop("generator", None)
     if generator:  # {_target_: a function (root, **params) that writes the dataset if absent, ...}
         instantiate(generator, data_cfg["root"])
-    dm = instantiate(data_cfg)
-    if getattr(dm, "time_series", False) and (cfg.get("head") or {}).get("shuffle_folds", False):
-        raise ConfigError(f"head.shuffle_folds=true would shuffle the TRs of data={dm.name} (a time series) "
-                          f"across cross-validation folds; set head.shuffle_folds=false")
     dm.setup()
     return dm
 
@@ -114,9 +113,6 @@ def build_datamodule(cfg: DictConfig):
 def extraction_device(cfg: DictConfig) -> str:
     wants_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu"
     return "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"
-
-
-FEATURE_MODES = ("cached", "precompute", "online")
 
 
 def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -288,16 +284,12 @@ class TrainResult:
 
 
 def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
-    """The run directory with this config (global rank 0 writes it) and the checkpoint to resume from;
-    checks the config values the steps below cannot check themselves."""
-    resume_from = resume_checkpoint(cfg, run_dir)  # before config.yaml is rewritten: it is compared
-    run = RunDir(run_dir)
-    if rank_zero_only.rank == 0:  # under DDP only global rank 0 writes the run directory
-        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    if str(cfg.features) not in FEATURE_MODES:
-        raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
-    check_precision(cfg)
+    """The run directory with this config (global rank 0 writes it) and the checkpoint to resume from, once
+    the whole config is checked (``encoders.config_checks``): a mistake is one ConfigError naming the key,
+    before the backbone is built or any data is read, and before anything is written."""
+    config = resolved_config(cfg)  # a value left ??? or a ${...} that does not resolve
+    resume_from = resume_checkpoint(config, run_dir)  # refuses a directory holding another config's run
+    check_config(config)
     nc_threshold(cfg)
     if "wandb" in (cfg.get("logger") or {}):
         try:
@@ -308,6 +300,10 @@ def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
         scaling_options(cfg.get("feature_scaling"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    run = RunDir(run_dir)
+    if rank_zero_only.rank == 0:  # under DDP only global rank 0 writes the run directory
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return run, resume_from
 
 
@@ -316,6 +312,7 @@ def build_model(cfg: DictConfig) -> tuple[EncodingModel, object, dict, dict]:
     feature transform is fitted on the training features: (model, datamodule, features, feature info)."""
     backbone = instantiate(cfg.backbone)  # before the data: a weights problem shows in seconds
     dm = build_datamodule(cfg)
+    check_head_training_set(cfg.head, dm.split_ids["train"])  # e.g. more CV folds than images: before extraction
     features, feature_info = prepare_features(cfg, backbone, dm, extraction_device(cfg))
     n_features = int(features["train"].shape[1])  # the backbone's width, or fewer after a datamodule's PCA
     head = instantiate(cfg.head)(n_features=n_features, n_voxels=dm.n_voxels)
@@ -382,64 +379,10 @@ def nc_threshold(cfg: DictConfig) -> float:
     return value
 
 
-# Lightning precisions that keep the head in float32: only the backbone autocasts (EncodingModel).
-PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed")
-
-
-def check_precision(cfg: DictConfig) -> None:
-    """trainer.precision must keep the head, loss and metrics in float32; 16-mixed needs a GPU."""
-    precision = str(cfg.trainer.get("precision", "32"))
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision={precision} is not supported (one of {', '.join(PRECISIONS)}): "
-                          "the head, its loss and the metrics stay float32, only the backbone autocasts")
-    if precision == "16-mixed" and extraction_device(cfg) == "cpu":
-        raise ConfigError("trainer.precision=16-mixed needs a GPU; use precision=bf16-mixed on a CPU")
-
-
 def backbone_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast of trainer.precision on ``device`` (bf16-mixed / 16-mixed), else a no-op."""
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(cfg.trainer.get("precision", "32")))
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (plain dicts)."""
-    out = []
-    for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-# Keys that may change between an interrupted run and its restart.
-RESUME_IGNORED_KEYS = ("logger", "resume", "analyze", "metrics", "maps")  # metrics, maps: only outputs made after the fit
-
-
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``<run_dir>/checkpoints/last.ckpt`` if an earlier attempt of this run left one and ``resume`` is on.
-
-    A restarted command (same ``hydra.run.dir``, or the same multirun ``hydra.sweep.dir``) goes on from
-    the last completed epoch. The earlier attempt must have had the same config (its config.yaml;
-    logger, resume and analyze aside): continuing another model's checkpoint would be silently wrong.
-    """
-    run = RunDir(run_dir)
-    last = run.file(LAST_CHECKPOINT)
-    if not cfg.get("resume", True) or not last.exists():
-        return None
-    if run.file(CONFIG).exists():
-        old = OmegaConf.to_container(OmegaConf.load(run.file(CONFIG)))
-        new = OmegaConf.to_container(cfg, resolve=True)
-        for key in RESUME_IGNORED_KEYS:
-            old.pop(key, None), new.pop(key, None)
-        differ = config_differences(old, new)
-        if differ:
-            raise ConfigError(f"{run_dir}: holds a run with another config ({', '.join(differ[:5])} differ); "
-                              "use another hydra.run.dir, or resume=false to start afresh there")
-    log.info("resuming from %s", last)
-    return str(last)
 
 
 def keep_earlier_logs(trainer: L.Trainer) -> None:
@@ -524,31 +467,94 @@ def storage_failure(err: BaseException, run_dir: Path) -> StorageError | None:
     return None
 
 
+def job_config_refusal(config: DictConfig, output_dir: Path) -> str | None:
+    """Why a job of the composed ``config`` (with its ``hydra`` node) must not run in ``output_dir``: the
+    directory holds a run of another config (``encoders.resume``), or its recorded config cannot be read;
+    None when it may run there (also when the config cannot be resolved: the job reports that itself)."""
+    if OmegaConf.select(config, "hydra.runtime") is None:
+        return None  # not a config Hydra composed
+    job = copy.deepcopy(config)
+    with read_write(job.hydra.runtime), open_dict(job.hydra.runtime):
+        job.hydra.runtime.output_dir = str(output_dir)  # as Hydra's run_job sets it, for ${hydra:...}
+    saved = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job)
+    try:
+        with read_write(job), open_dict(job):
+            del job["hydra"]
+        check_run_dir(resolved_config(job), output_dir)
+    except RunDirInUse as err:
+        return str(err)
+    except ConfigError:
+        return None
+    finally:
+        HydraConfig.instance().cfg = saved
+    return None
+
+
 class RunDirChecks(Callback):
     """Hydra callbacks of train.py (conf/train.yaml ``hydra.callbacks``).
 
     Before Hydra writes anything: an output folder (hydra.run.dir, or a multirun's hydra.sweep.dir) that
-    cannot be written is one ``error:`` line, exit 2. After a multirun: if jobs of this sweep failed (their
-    failed.json, written or rewritten during it), one line saying how many and where, exit 1.
+    cannot be written is one ``error:`` line, exit 2; so is a single run's directory that holds a run of
+    another config (``encoders.resume``: nothing in it is touched, .hydra/ and train.log included).
+    A multirun job whose directory holds another config's run is refused too (the job says so in one line
+    and writes nothing there): Hydra has already rewritten that job's .hydra/ files when a job starts, so
+    they are put back as they were when the sweep started. After a multirun: if jobs of this sweep failed
+    (their failed.json, written or rewritten during it) or were refused, one line saying how many, exit 1.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._require(config.hydra.run.dir, "run directory")
+        run_dir = Path(os.path.abspath(str(config.hydra.run.dir)))
+        refusal = job_config_refusal(config, run_dir)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            sys.exit(2)
+        self._require(run_dir, "run directory")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = self._require(config.hydra.sweep.dir, "sweep directory")
         self.earlier = {p: p.stat().st_mtime_ns for p in sweep.rglob(FAILED)}
+        self.refused: list[tuple[str, str]] = []
+        self.hydra_files: dict[str, dict[str, bytes]] = {}  # the .hydra/ files of the runs already in the sweep
+        subdir = config.hydra.output_subdir
+        if subdir:
+            for job_dir in {p.parent for p in sweep.rglob(CONFIG) if p.parent.name != str(subdir)}:
+                if holds_run(job_dir):
+                    files = [f for f in (job_dir / str(subdir)).glob("*") if f.is_file()]
+                    self.hydra_files[os.path.abspath(job_dir)] = {f.name: f.read_bytes() for f in files}
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return  # a single run was checked before Hydra wrote anything
+        job_dir = Path(str(config.hydra.runtime.output_dir))
+        refusal = job_config_refusal(config, job_dir)
+        if not refusal:
+            return
+        getattr(self, "refused", []).append((job_dir.name, refusal))
+        subdir, saved = config.hydra.output_subdir, getattr(self, "hydra_files", {}).get(os.path.abspath(job_dir))
+        if subdir and saved is not None:  # Hydra rewrote them just before this call: put back what was there
+            for f in (job_dir / str(subdir)).glob("*"):
+                if f.name in saved:
+                    f.write_bytes(saved[f.name])
+                elif f.is_file():
+                    f.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
         earlier = getattr(self, "earlier", {})
         failed = [f for f in find_failed(sweep)
                   if earlier.get(f["dir"] / FAILED) != (f["dir"] / FAILED).stat().st_mtime_ns]
+        refused = getattr(self, "refused", [])
+        said = []
         if failed:
             first = failed[0]
-            print(f"error: {len(failed)} job(s) of the sweep failed (first: {first['dir'].name}: {first['type']}: "
-                  f"{first['error']}); see failed.json in their folders, or: python analyze.py analysis=summary "
-                  f"sweep_dir={sweep}", file=sys.stderr)
+            said.append(f"{len(failed)} job(s) of the sweep failed (first: {first['dir'].name}: {first['type']}: "
+                        f"{first['error']}); see failed.json in their folders, or: python analyze.py "
+                        f"analysis=summary sweep_dir={sweep}")
+        if refused:
+            said.append(f"{len(refused)} job(s) of the sweep were refused (first: {refused[0][0]}: {refused[0][1]})")
+        if said:
+            print(f"error: {'; '.join(said)}", file=sys.stderr)
             sys.exit(1)
 
     @staticmethod
@@ -613,6 +619,11 @@ def guarded(job, hydra_cfg, run_dir: Path):
     or a storage failure) is one ``error:`` line and exit code 2, and anything else is raised."""
     try:
         return job()
+    except RunDirInUse as err:  # the directory holds another run: nothing is written there, not even a record
+        print(f"error: {err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return None
+        sys.exit(2)
     except Exception as err:
         cause = user_error(err) or storage_failure(err, run_dir)
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -644,4 +655,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_hydra_errors():  # head=lineer, head.foo=1, ...: one error line naming the choices, exit 2
+        main()

@@ -28,8 +28,8 @@ from datamodules.image_stimuli import ImageDataModule, permute_within_columns
 from datamodules.nod_files import (N_CORTEX, RUN_PATTERN, Cortex, ImageFiles, NODPaths, Run, coco_order_from_events, read_betas,
                                    read_coco_images, read_cortex, read_dlabel, read_tsv, resolve_imagenet)
 from datamodules.nsd import SubjectResponses
-from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns,
-                                       invalid_voxels, split_train_val, zscore_trials)
+from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, check_fraction, check_subject_and_sessions,
+                                       describe_blocks, drop_columns, invalid_voxels, split_train_val, zscore_trials)
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,9 @@ class NODDataModule(ImageDataModule):
                  coco_images_csv: str | None = None, name: str = "nod"):
         if split not in SPLIT_MODES:
             raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {split!r}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
+        check_fraction(test_fraction, "data.test_fraction", "the share of the images tested on with data.split=random")
+        check_fraction(val_fraction, "data.val_fraction", "the share of the training images held out for validation")
+        check_subject_and_sessions(subject, sessions)
         super().__init__(seed, batch_size, num_workers)
         self.root, self.subject, self.sessions = Path(root), int(subject), sessions
         self.roi_files, self.zscore, self.val_fraction = list(roi_files), zscore, val_fraction

@@ -23,8 +23,8 @@ from datamodules.fmri_runs import ncsnr_from_trial_sums
 from datamodules.image_stimuli import ImageDataModule, permute_within_columns
 from datamodules.nsd_files import (ExpDesign, Labels, Layout, NSDPaths, StimulusBrick, read_expdesign, read_grid,
                                    read_labels, read_session, session_trials)
-from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, describe_blocks, drop_columns, invalid_voxels,
-                                       split_train_val, zscore_trials)
+from datamodules.preprocessing import (InvalidVoxels, RepeatAverager, check_fraction, check_subject_and_sessions,
+                                       describe_blocks, drop_columns, invalid_voxels, split_train_val, zscore_trials)
 from datamodules.serving import SPLITS  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,8 @@ class NSDDataModule(ImageDataModule):
         super().__init__(seed, batch_size, num_workers)
         if test_set not in TEST_SETS:
             raise ValueError(f"data.test_set must be one of {list(TEST_SETS)}, got {test_set!r}")
+        check_fraction(val_fraction, "data.val_fraction", "the share of the training images held out for validation")
+        check_subject_and_sessions(subject, sessions)
         if isinstance(rois, str):
             rois = [rois]
         NSDPaths(Path(root), int(subject), space, beta_format)  # ValueError for an unknown space / format

@@ -152,6 +152,28 @@ def drop_columns(a: np.ndarray, keep: np.ndarray, block_bytes: int = 64 * 2**20)
     return a
 
 
+def check_fraction(value, key: str, what: str) -> None:
+    """ValueError naming the config ``key`` unless ``value`` is a number strictly between 0 and 1 (``what``:
+    what the fraction is of, for the message). Datamodules call it in ``__init__``, before any data is read."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 < value < 1:
+        raise ValueError(f"{key} must be a number strictly between 0 and 1 ({what}), got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_subject_and_sessions(subject, sessions) -> None:
+    """ValueError naming ``data.subject`` / ``data.sessions`` unless the subject is a positive int and the
+    sessions None (every session on disk) or a non-empty list of positive ints."""
+    if not _is_int(subject) or subject < 1:
+        raise ValueError(f"data.subject must be a positive int (1 = subj01), got {subject!r}")
+    if sessions is not None and (isinstance(sessions, (str, bytes)) or not hasattr(sessions, "__len__")
+                                 or not len(sessions) or not all(_is_int(s) and s >= 1 for s in sessions)):
+        raise ValueError(f"data.sessions must be null (every session) or a non-empty list of session numbers "
+                         f"(1-based, e.g. [1,2,3]), got {sessions!r}")
+
+
 def split_train_val(ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Random, seeded split of ids into (train, val), each sorted; val gets round(fraction·n), at least 1."""
     if not 0 < val_fraction < 1:

@@ -32,6 +32,21 @@ class FeatureDataset(Dataset):
         return {"x": self.features[i], "y": self.responses[i], "id": int(self.ids[i])}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_loader_options(seed, batch_size, num_workers) -> None:
+    """ValueError naming the config key (``data.batch_size`` ...) for loader settings no loader can use; in
+    ``__init__``, so a typo stops before any data is read."""
+    if not _is_int(seed):
+        raise ValueError(f"data.seed must be an int, got {seed!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"data.batch_size must be a positive int, got {batch_size!r}")
+    if not _is_int(num_workers) or num_workers < 0:
+        raise ValueError(f"data.num_workers must be an int >= 0 (0: load in the main process), got {num_workers!r}")
+
+
 class ResponseDataModule(L.LightningDataModule):
     """Targets, noise ceiling, ROIs and loaders over the splits a subclass's ``setup()`` made.
 
@@ -40,6 +55,7 @@ class ResponseDataModule(L.LightningDataModule):
 
     def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0):
         super().__init__()
+        check_loader_options(seed, batch_size, num_workers)
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
         self.data = None
         self.split_ids: dict[str, np.ndarray] = {}

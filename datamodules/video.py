@@ -205,6 +205,9 @@ class VideoDataModule(ResponseDataModule):
         if not 1 <= self.val_segments < len(self.train_stimuli):
             raise ValueError(f"data.val_segments={self.val_segments} must lie in [1, {len(self.train_stimuli) - 1}] "
                              f"for {len(self.train_stimuli)} training segments")
+        if isinstance(self.frame_batch_size, bool) or not isinstance(self.frame_batch_size, int) \
+                or self.frame_batch_size < 1:
+            raise ValueError(f"data.frame_batch_size must be a positive int, got {self.frame_batch_size!r}")
         if self.frame_stride < 1 or self.n_volumes < 1 or self.tr <= 0 or self.fps <= 0:
             raise ValueError("data.frame_stride, data.n_volumes, data.tr and data.fps must be positive")
         if self.tr * self.fps / self.frame_stride < 1:

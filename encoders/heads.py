@@ -1,7 +1,9 @@
 """Per-voxel heads: features (n, n_features) -> predicted responses (n, n_voxels).
 
 Sizes are known only at run time, so configs give these as ``_partial_`` and the code
-completes them with ``n_features`` and ``n_voxels``.
+completes them with ``n_features`` and ``n_voxels``. Their other options are checked before anything
+heavy runs: ``Head.check_options(prefix="head.", **options)`` (a ValueError naming the option), and for
+heads that cross-validate, ``check_training_set(groups, ...)`` once the training split is known.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from encoders import ridge
 from encoders.ridge import DEFAULT_ALPHAS, RidgeCV
 
 
@@ -40,22 +43,36 @@ class MLPHead(nn.Module):
     forward: (n, n_features) -> (n, n_voxels). hidden: widths of the shared layers.
     """
 
+    ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
     def __init__(self, n_features: int, n_voxels: int, hidden: Sequence[int] = (512,),
                  dropout: float = 0.1, activation: str = "gelu"):
         super().__init__()
-        acts = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-        if activation not in acts:
-            raise ValueError(f"MLPHead: activation must be one of {sorted(acts)}, got {activation!r}")
+        self.check_options(hidden, dropout, activation, prefix="MLPHead: ")
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
-            layers += [nn.Linear(width, int(h)), acts[activation](), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, int(h)), self.ACTIVATIONS[activation](), nn.Dropout(dropout)]
             width = int(h)
         self.hidden = nn.Sequential(*layers)
         self.readout = nn.Linear(width, n_voxels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.readout(self.hidden(features))
+
+    @classmethod
+    def check_options(cls, hidden: Sequence[int] = (512,), dropout: float = 0.1, activation: str = "gelu",
+                      prefix: str = "") -> None:
+        """ValueError naming ``<prefix><option>``: hidden (a list of positive widths), dropout (in [0, 1)),
+        activation (one of ACTIVATIONS)."""
+        if not (isinstance(hidden, Sequence) and not isinstance(hidden, str)
+                and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)):
+            raise ValueError(f"{prefix}hidden must be a list of positive layer widths (e.g. [512]; [] = no hidden "
+                             f"layer), got {hidden!r}")
+        if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+            raise ValueError(f"{prefix}dropout must be a number in [0, 1), got {dropout!r}")
+        if activation not in cls.ACTIVATIONS:
+            raise ValueError(f"{prefix}activation must be one of {sorted(cls.ACTIVATIONS)}, got {activation!r}")
 
 
 class RidgeHead(nn.Module):
@@ -94,3 +111,20 @@ class RidgeHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.weight.T.to(features.dtype) + self.bias.to(features.dtype)
+
+    @classmethod
+    def check_options(cls, alphas: Sequence[float] | None = None, cv=5, score: str = "r2", shuffle_folds: bool = True,
+                      seed: int = 0, voxel_batch: int = 4096, prefix: str = "") -> None:
+        """ValueError naming ``<prefix><option>`` for options the ridge cannot use (``encoders.ridge.check_options``:
+        alphas, cv, score, voxel_batch); no data needed."""
+        ridge.check_options(alphas, cv, score, voxel_batch, prefix)
+        if not isinstance(shuffle_folds, bool):
+            raise ValueError(f"{prefix}shuffle_folds must be true or false, got {shuffle_folds!r}")
+
+    @classmethod
+    def check_training_set(cls, groups: np.ndarray, alphas=None, cv=5, score: str = "r2", shuffle_folds: bool = True,
+                           seed: int = 0, voxel_batch: int = 4096, prefix: str = "") -> None:
+        """ValueError naming ``<prefix>cv`` when its folds cannot split a training set whose rows carry these
+        stimulus ids ``groups`` (n_rows,) — e.g. more folds than images (``encoders.ridge.check_folds``).
+        Indices only: run it after the split, before any features are computed."""
+        ridge.check_folds(cv, len(groups), groups, shuffle_folds, seed, prefix)

@@ -20,6 +20,7 @@ Kernels are plain functions on tensors; ``RidgeCV`` is a thin array-in / array-o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,85 @@ def cv_splits(cv, n_samples: int, groups=None, shuffle: bool = True, seed: int =
     if len(out) < 1:
         raise ValueError("cv gave no split")
     return out
+
+
+CV_CHOICES = ("an int >= 2 (the number of folds), a scikit-learn splitter (e.g. {_target_: "
+              "sklearn.model_selection.GroupKFold, n_splits: 5}) or a list of [train indices, test indices] pairs")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _index_list(side) -> bool:
+    """A non-empty list (or integer array) of non-negative indices."""
+    if isinstance(side, np.ndarray):
+        return side.size > 0 and side.dtype.kind in "iu" and int(side.min()) >= 0
+    return _is_list(side) and len(side) > 0 and all(_is_int(i) and i >= 0 for i in side)
+
+
+def check_cv(cv, prefix: str = "") -> None:
+    """ValueError (one line naming ``<prefix>cv``) unless ``cv`` is usable before any data is seen: an int
+    >= 2, a splitter (anything with ``split``), or a non-empty list of (train, test) pairs of non-negative
+    index lists that do not overlap (any other iterable is taken as it comes). Whether it fits a training
+    set: ``check_folds``."""
+    if _is_int(cv):
+        if cv < 2:
+            raise ValueError(f"{prefix}cv must be {CV_CHOICES}; got {cv} (fewer than 2 folds)")
+        return
+    if hasattr(cv, "split") and not isinstance(cv, (str, bytes)):
+        return
+    if not _is_list(cv):
+        if hasattr(cv, "__iter__") and not isinstance(cv, (str, bytes, dict)) and not hasattr(cv, "keys"):
+            return  # an iterator of pairs: checked as it is consumed (cv_splits)
+        raise ValueError(f"{prefix}cv must be {CV_CHOICES}; got {cv!r}")
+    problem = "" if len(cv) else "no pairs"
+    for k, pair in enumerate(cv):
+        if not _is_list(pair) or len(pair) != 2:
+            problem = f"item {k} is not a [train, test] pair"
+        elif not (_index_list(pair[0]) and _index_list(pair[1])):
+            problem = f"item {k} is not a pair of non-empty lists of non-negative indices"
+        elif np.intersect1d(np.asarray(pair[0]), np.asarray(pair[1])).size:
+            problem = f"item {k} has indices on both sides"
+        if problem:
+            break
+    if problem:
+        raise ValueError(f"{prefix}cv must be {CV_CHOICES}; got a list of {len(cv)} item(s) ({problem})")
+
+
+def check_options(alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", voxel_batch: int = 4096, prefix: str = "") -> None:
+    """ValueError (one line naming ``<prefix><option>``) for options RidgeCV cannot use: alphas (a non-empty
+    list of finite, non-negative numbers; None = DEFAULT_ALPHAS), cv (``check_cv``), score ('r2' | 'corr'),
+    voxel_batch (a positive int). Cheap: run it before any data is read."""
+    if alphas is not None:
+        values = list(np.ravel(alphas)) if isinstance(alphas, np.ndarray) else list(alphas) if _is_list(alphas) else []
+        if not values or not all(isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool)
+                                 and np.isfinite(a) and a >= 0 for a in values):
+            shown = list(values) if values else alphas
+            raise ValueError(f"{prefix}alphas must be a non-empty list of finite, non-negative numbers (null: the "
+                             f"default grid 1e-8 ... 1e10), got {shown!r}")
+    check_cv(cv, prefix)
+    if score not in ("r2", "corr"):
+        raise ValueError(f"{prefix}score must be 'r2' or 'corr', got {score!r}")
+    if not _is_int(voxel_batch) or voxel_batch < 1:
+        raise ValueError(f"{prefix}voxel_batch must be a positive int, got {voxel_batch!r}")
+
+
+def check_folds(cv, n_samples: int, groups=None, shuffle: bool = True, seed: int = 0, prefix: str = "") -> None:
+    """ValueError (one line naming ``<prefix>cv``) when ``cv`` cannot split a training set of ``n_samples``
+    rows with these ``groups`` (n_samples,) — e.g. more folds than stimuli, indices past its end. Cheap
+    (indices only): run it once the split is known, before any features are computed."""
+    try:
+        cv_splits(cv, n_samples, groups, shuffle, seed)
+    except ValueError as err:
+        n_groups = len(np.unique(np.asarray(groups))) if groups is not None else n_samples
+        shown = cv if _is_int(cv) else type(cv).__name__
+        raise ValueError(f"{prefix}cv={shown} cannot split the training set ({n_samples} samples, {n_groups} "
+                         f"distinct stimuli): {' '.join(str(err).split())}") from None
 
 
 def _is_partition(splits: list[tuple[np.ndarray, np.ndarray]], n: int) -> bool:
@@ -291,13 +371,10 @@ class RidgeCV:
     def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", shuffle: bool = True,
                  seed: int = 0, voxel_batch: int = 4096, solver: str = "auto", device: str | None = None,
                  progress: bool = True):
-        if score not in ("r2", "corr"):
-            raise ValueError(f"score must be 'r2' or 'corr', got {score!r}")
+        check_options(alphas, cv, score, voxel_batch)
         if solver not in ("auto", "primal", "dual"):
             raise ValueError(f"solver must be 'auto', 'primal' or 'dual', got {solver!r}")
-        self.alphas = np.asarray(alphas, dtype=np.float64).ravel()
-        if self.alphas.size == 0 or np.any(self.alphas < 0):
-            raise ValueError("alphas must be a non-empty list of non-negative values")
+        self.alphas = np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=np.float64).ravel()
         self.cv, self.score_name, self.shuffle, self.seed = cv, score, shuffle, seed
         self.voxel_batch, self.solver, self.device = voxel_batch, solver, device
         self.progress = progress

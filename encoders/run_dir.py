@@ -33,6 +33,9 @@ Layout (users and scripts rely on it)::
     maps/                brain maps in the dataset's own space (write_maps: <name>.nii.gz, {lh,rh}.<name>.mgh or
                          <name>.dscalar.nii, NaN outside the run's voxels) and their pictures <name>.png
 
+A file that exists but cannot be read (truncated, corrupt, unreadable) is one ``RunFileError`` (a ValueError)
+naming it, whichever reader found it.
+
 This module reads and writes files only; it imports neither ``analyses`` nor ``datamodules`` (the run's
 datamodule class is resolved from its config, as Hydra instantiated it). Every file is written atomically
 (``encoders.storage``: a temp file renamed into place; a full disk or read-only folder is one StorageError
@@ -66,6 +69,39 @@ MAPS = "maps"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
 CSV_LOG = "csv/metrics.csv"
 SPLITS = ("train", "val", "test")
+
+
+class RunFileError(ValueError):
+    """A run directory's file exists but cannot be read (truncated, corrupt, unreadable); the message names it."""
+
+
+def read_file(path: Path, parse, kind: str, expect: type | None = None):
+    """``parse(path)``; RunFileError naming the file (one line) when it cannot be read or parsed, or when the
+    result is not an ``expect`` (e.g. a JSON object). A missing file raises FileNotFoundError as it comes."""
+    try:
+        value = parse(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001  (json, yaml, zip, zlib, pickle, torch: each has its own errors)
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise RunFileError(f"{path}: cannot be read as {kind} ({detail}); is it truncated or corrupt?") from None
+    if expect is not None and not isinstance(value, expect):
+        raise RunFileError(f"{path}: holds a {type(value).__name__}, not the {expect.__name__} a run writes there; "
+                           f"is it corrupt?")
+    return value
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 @dataclass
@@ -126,7 +162,8 @@ class RunDir:
     """A run directory written by train.py (see the module docstring for its files).
 
     Reading is lazy and cached; a missing file raises FileNotFoundError naming it (``run.json`` and
-    ``config.yaml`` read as {} when absent, as older runs may lack them).
+    ``config.yaml`` read as {} when absent, as older runs may lack them), one that cannot be read
+    RunFileError naming it.
     """
 
     def __init__(self, path: str | os.PathLike, name: str | None = None):
@@ -248,22 +285,22 @@ class RunDir:
     def config(self) -> dict:
         """config.yaml as a dict ({} when absent)."""
         path = self.path / CONFIG
-        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        return read_file(path, _yaml, "YAML", dict) if path.is_file() else {}
 
     @cached_property
     def info(self) -> dict:
         """run.json as a dict ({} when absent)."""
         path = self.path / INFO
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_file(path, _json, "JSON", dict) if path.is_file() else {}
 
     @cached_property
     def metrics(self) -> dict:
-        return json.loads(self.require(METRICS).read_text())
+        return read_file(self.require(METRICS), _json, "JSON", dict)
 
     @cached_property
     def split(self) -> dict:
         """split.json: {"seed", "subject", "id_base", "train", "val", "test"}."""
-        return json.loads(self.require(SPLIT).read_text())
+        return read_file(self.require(SPLIT), _json, "JSON", dict)
 
     def split_ids(self, split: str) -> np.ndarray:
         """The 0-based sample ids of a split (int64), from split.json; ValueError for an unknown split."""
@@ -277,8 +314,7 @@ class RunDir:
         """voxel_metrics.npz (read once)."""
         if self._voxels is None:
             path = self.require(VOXELS, "every run directory has one")
-            with np.load(path) as npz:
-                self._voxels = VoxelMetrics(path, {k: npz[k] for k in npz.files})
+            self._voxels = VoxelMetrics(path, read_file(path, _npz, "a .npz archive"))
         return self._voxels
 
     @property
@@ -291,17 +327,23 @@ class RunDir:
     def predictions(self, split: str = "test") -> Predictions:
         """predictions.npz's arrays of one split; errors name the file or the missing keys."""
         path = self.require(PREDICTIONS, "the run must be written with save_predictions=true")
-        with np.load(path) as f:
-            missing = [k for k in (f"{split}_pred", f"{split}_true", f"{split}_ids") if k not in f]
-            if missing:
-                raise ValueError(f"{path}: no {missing} (split '{split}')")
-            return Predictions(f[f"{split}_pred"], f[f"{split}_true"], f[f"{split}_ids"])
+        keys = (f"{split}_pred", f"{split}_true", f"{split}_ids")
+
+        def read(p: Path) -> dict[str, np.ndarray]:
+            with np.load(p) as f:
+                return {k: f[k] for k in keys if k in f}
+        arrays = read_file(path, read, "a .npz archive")
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise ValueError(f"{path}: no {missing} (split '{split}')")
+        return Predictions(*(arrays[k] for k in keys))
 
     def head_state(self) -> dict:
         """head.pt (torch.load on the CPU)."""
         import torch
 
-        return torch.load(self.require(HEAD), map_location="cpu", weights_only=False)
+        return read_file(self.require(HEAD), lambda p: torch.load(p, map_location="cpu", weights_only=False),
+                         "a torch file", dict)
 
     @property
     def csv_log(self) -> Path:
@@ -319,15 +361,19 @@ class RunDir:
         if not self.csv_log.exists():
             return None
         keys = ("train/loss", "val/loss", "val/r_mean")
-        per_epoch: dict[int, dict[str, float]] = {}
-        with open(self.csv_log, newline="") as f:
-            for row in csv.DictReader(f):
-                if not row.get("epoch"):
-                    continue
-                entry = per_epoch.setdefault(int(float(row["epoch"])), {})
-                for key in keys:
-                    if row.get(key) not in (None, ""):
-                        entry[key] = float(row[key])
+
+        def read(path: Path) -> dict[int, dict[str, float]]:
+            per_epoch: dict[int, dict[str, float]] = {}
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if not row.get("epoch"):
+                        continue
+                    entry = per_epoch.setdefault(int(float(row["epoch"])), {})
+                    for key in keys:
+                        if row.get(key) not in (None, ""):
+                            entry[key] = float(row[key])
+            return per_epoch
+        per_epoch = read_file(self.csv_log, read, "Lightning's CSV log")
         epochs = sorted(e for e, v in per_epoch.items() if v)
         if not epochs:
             return None
