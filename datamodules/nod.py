@@ -189,14 +189,14 @@ class NODDataModule(NSDDataModule):
                  roi_files: Sequence[str] = DEFAULT_ROI_FILES, n_cortex: int = N_CORTEX, zscore: bool = True,
                  val_fraction: float = 0.1, seed: int = 0, batch_size: int = 128, num_workers: int = 0,
                  shuffle_train_targets: bool = False, imagenet_dir: str | None = None, coco_dir: str | None = None,
-                 coco_images_csv: str | None = None, name: str = "nod"):
+                 coco_images_csv: str | None = None, name: str = "nod", feature_batches: str = "auto"):
         if split not in SPLIT_MODES:
             raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {split!r}")
         if not 0 < test_fraction < 1:
             raise ValueError(f"data.test_fraction must lie in (0, 1), got {test_fraction}")
         super().__init__(root=root, subject=subject, sessions=sessions, roi_files=roi_files, zscore=zscore,
                          val_fraction=val_fraction, seed=seed, batch_size=batch_size, num_workers=num_workers,
-                         shuffle_train_targets=shuffle_train_targets, name=name)
+                         shuffle_train_targets=shuffle_train_targets, name=name, feature_batches=feature_batches)
         self.roi_mask = ([roi_mask] if isinstance(roi_mask, str) else list(roi_mask)) if roi_mask else None
         self.split, self.test_fraction, self.n_cortex = split, test_fraction, int(n_cortex)
         self.imagenet_dir, self.coco_dir, self.coco_images_csv = imagenet_dir, coco_dir, coco_images_csv

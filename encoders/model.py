@@ -21,7 +21,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler
 
 from encoders.metrics import VoxelScores
 
@@ -97,8 +97,9 @@ class EncodingModel(L.LightningModule):
         """Draw this epoch's training order and global RNG from (seed, epoch) (see the class docstring)."""
         epoch_seed = self.seed * 100_003 + self.current_epoch
         torch.manual_seed(epoch_seed + 7_919 * self.global_rank)
-        loader = self.trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None) if isinstance(loader, DataLoader) else None
+        # A DataLoader, or the datamodule's TensorBatches (batches drawn by index on the device): both
+        # take their order from a torch sampler (under DDP a DistributedSampler, whose epoch Lightning sets).
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if isinstance(sampler, RandomSampler):
             # A fresh generator of its own: the loader's base-seed draws no longer shift the permutation.
             sampler.generator = torch.Generator().manual_seed(epoch_seed)
