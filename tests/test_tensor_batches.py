@@ -177,6 +177,41 @@ def test_training_equals_the_per_item_loader(feature_batches, tmp_path):
     assert np.isfinite(model.test_result["r"].numpy()).all()
 
 
+class BatchLosses(L.Callback):
+    """Every training batch's loss and size, and train/loss as logged at each epoch's end."""
+
+    def __init__(self):
+        self.batches, self.logged = [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.batches:  # the module logs after the callbacks' on_train_epoch_end: read it here
+            self.logged.append(float(trainer.callback_metrics["train/loss"]))
+        self.batches.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches[-1].append((float(outputs["loss"]), len(batch["y"])))
+
+    def on_train_end(self, trainer, pl_module):
+        self.logged.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_train_loss_is_the_epochs_size_weighted_mean(tmp_path):
+    """Logged once per epoch from sums kept on the device: the mean over rows, batches weighted by size."""
+    features, responses = planted_data()
+    dm = ArrayDataModule(features, responses, batch_size=16)  # 60 training rows: 16, 16, 16, 12
+    model = EncodingModel(LinearHead(12, 9), 12, 9)
+    losses = BatchLosses()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[losses],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert len(losses.logged) == len(losses.batches) == 2
+    for batches, logged in zip(losses.batches, losses.logged):
+        assert [n for _, n in batches] == [16, 16, 16, 12]
+        want = sum(loss * n for loss, n in batches) / 60
+        assert abs(logged - want) < 1e-6 * want
+        assert abs(logged - np.mean([loss for loss, _ in batches])) > 1e-6  # not the unweighted mean
+
+
 def test_resume_across_data_paths_reaches_the_uninterrupted_result(tmp_path):
     """Epochs 0-1 per item, checkpoint, epochs 2-4 by index: the order depends only on (seed, epoch)."""
     fit("per_item", 2, tmp_path, checkpoint_dir=tmp_path / "ckpt")
