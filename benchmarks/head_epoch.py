@@ -101,6 +101,14 @@ def train_config(tmp: Path, epochs: int, progress_bar: bool):
     return cfg
 
 
+def clock() -> float:
+    """Wall seconds, or this process's CPU seconds with --cpu-time (robust on a loaded machine when single-threaded)."""
+    return time.process_time() if CPU_TIME else time.perf_counter()
+
+
+CPU_TIME = False
+
+
 class EpochClock(L.Callback):
     """Per epoch: the training batches (start of epoch -> end of its last batch) and the whole epoch."""
 
@@ -108,15 +116,15 @@ class EpochClock(L.Callback):
         self.train, self.whole, self.batches = [], [], 0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.last = time.perf_counter()
+        self.last = clock()
         self.batches = batch_idx + 1
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.train.append(self.last - self.start)
-        self.whole.append(time.perf_counter() - self.start)
+        self.whole.append(clock() - self.start)
 
 
 def run_lightning(path: str, X, Y, n_train: int, batch: int, epochs: int, progress_bar: bool) -> EpochClock:
@@ -149,7 +157,7 @@ def run_bare(X, Y, n_train: int, batch: int, epochs: int) -> list[float]:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.97)
     times = []
     for epoch in range(epochs):
-        start = time.perf_counter()
+        start = clock()
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(epoch))
         for idx in order.split(batch):
             pred = head((Xt.index_select(0, idx) - mean) / std)
@@ -158,7 +166,7 @@ def run_bare(X, Y, n_train: int, batch: int, epochs: int) -> list[float]:
             loss.backward()
             optimizer.step()
         scheduler.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -173,7 +181,7 @@ def loader_pass(path: str, X, Y, n_train: int, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(X, Y, n_train, batch, epochs, repeats, paths, progress_bar) -> dict:
+def measure(X, Y, n_train, batch, epochs, repeats, paths, progress_bar, verbose=True) -> dict:
     """{path: {"train": [s per epoch], "rest": [s per epoch]}}, the paths rotated every repeat."""
     out = {p: {"train": [], "rest": [], "ratio": []} for p in paths}
     for r in range(repeats):
@@ -190,6 +198,8 @@ def measure(X, Y, n_train, batch, epochs, repeats, paths, progress_bar) -> dict:
             out[path]["train"] += times
             out[path]["rest"] += rest
             this[path] = statistics.median(times)
+            if verbose:
+                print(f"    repeat {r + 1}: {path} {' '.join(f'{t:.3f}' for t in times)} s", flush=True)
         for path in paths:
             if "bare" in this:
                 out[path]["ratio"].append(this[path] / this["bare"])
@@ -222,14 +232,22 @@ def main() -> None:
     parser.add_argument("--only", choices=("epoch", "loader", "host"), help="one part only")
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                         help="Lightning's progress bar, as conf/trainer/default.yaml (on)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time epochs by this process's CPU time, not wall time (for a loaded machine; "
+                             "use with --threads 1, where no thread waits spinning)")
     args = parser.parse_args()
+    global CPU_TIME
+    CPU_TIME = args.cpu_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.n, args.features, args.voxels = 2000, 512, 4000
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     n_batches = math.ceil(args.n / args.batch)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; n={args.n}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if CPU_TIME else 'wall'} time; n={args.n}, "
           f"features={args.features}, voxels={args.voxels}, batch={args.batch} ({n_batches} batches/epoch)")
     X, Y = make_data(args.n, args.features, args.voxels)
 
@@ -245,10 +263,13 @@ def main() -> None:
     if args.only in (None, "host"):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        CPU_TIME = True
         Xs, Ys = make_data(args.n, 16, 16)
-        out = measure(Xs, Ys, args.n, args.batch, max(args.epochs, 3), args.repeats, list(PATHS), args.progress_bar)
+        out = measure(Xs, Ys, args.n, args.batch, max(args.epochs, 3), args.repeats, list(PATHS), args.progress_bar,
+                      verbose=False)
         torch.set_num_threads(threads)
-        print("host time per batch (16 features x 16 voxels, 1 thread):")
+        CPU_TIME = args.cpu_time
+        print("host time per batch (16 features x 16 voxels, 1 thread, CPU time of this process):")
         report(out, n_batches, "host", per_batch=True)
         host = statistics.median(out["index"]["train"]) / n_batches
         flop = 3 * 2 * args.batch * args.features * args.voxels
