@@ -179,12 +179,7 @@ def split_scores(model: EncodingModel, dm, split: str, features: torch.Tensor | 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    # trainer.deterministic also has torch fill every new tensor with NaN, a check for reads of uninitialised
-    # memory: an extra write of each gradient and optimizer temporary (~3 % of a linear-head step on a CPU).
-    # The deterministic algorithms stay; results never depend on the fill.
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    return trainer
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def write_run(run_dir: Path, cfg: DictConfig, dm, model: EncodingModel, features: dict, backbone,

@@ -233,3 +233,23 @@ def test_cuda_batches_equal_the_host_loader(placement):
     want = reference_batches(features, responses, ids, 16,
                              RandomSampler(range(301), generator=torch.Generator().manual_seed(1)))
     assert_same_batches([{k: t.cpu() for k, t in b.items()} for b in got], want)
+
+
+def test_training_skips_the_nan_fill_of_new_tensors_and_restores_it(tmp_path):
+    """A deterministic fit does not fill new tensors with NaN (a pure check, ~3 % of a step), then restores it."""
+    import torch.utils.deterministic as deterministic
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(deterministic.fill_uninitialized_memory)
+
+    features, responses = planted_data()
+    dm = ArrayDataModule(features, responses, batch_size=32)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", deterministic=True, logger=False, enable_checkpointing=False,
+                        callbacks=[Probe()], enable_progress_bar=False, enable_model_summary=False)
+    assert deterministic.fill_uninitialized_memory
+    trainer.fit(EncodingModel(LinearHead(12, 9), 12, 9), datamodule=dm)
+    assert seen and not any(seen)
+    assert deterministic.fill_uninitialized_memory
