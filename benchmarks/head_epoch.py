@@ -3,6 +3,7 @@
     python benchmarks/head_epoch.py                 # n=8000 images, 2048 features, 16000 voxels, batch 128
     python benchmarks/head_epoch.py --quick         # n=2000, 512 features, 4000 voxels (a minute)
     python benchmarks/head_epoch.py --n 9000 --features 4096 --voxels 30000 --only loader
+    python benchmarks/head_epoch.py --threads 1 --cpu-time --epochs 2 --repeats 5 --only epoch   # a loaded machine
 
 Side by side in one process, the order rotated in every repeat:
 - ``bare``: a hand-written loop: for each batch of a seeded permutation, rows gathered by index,
@@ -14,7 +15,8 @@ Side by side in one process, the order rotated in every repeat:
 Epoch time = the training batches of an epoch, Lightning's per-step hooks, logging and optimizer
 closure included; the validation pass and the two checkpoints that follow are printed apart. Each run
 trains ``--epochs`` epochs and its first is left out (warm-up). Medians over repeats × epochs, and
-the median of the per-repeat ratios.
+the median of the per-repeat ratios. On a shared, loaded machine wall-clock epochs scatter widely
+(a descheduled OpenMP thread stalls every parallel op): ``--threads 1 --cpu-time`` times the work done.
 
 ``loader``: one pass over the training batches alone (no arithmetic), per-item vs by index.
 ``host``: the same three loops at 16 features × 16 voxels on one thread, where the arithmetic is

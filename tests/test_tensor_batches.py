@@ -129,14 +129,14 @@ def planted_data(n=104, d=12, v=9, seed=0):
     return features, responses.numpy()
 
 
-def fit(feature_batches, max_epochs, tmp_path, head="mlp", ckpt_path=None, checkpoint_dir=None):
-    """Trains an EncodingModel as train.py does (deterministic, seeded); returns (model, datamodule, val r)."""
+def fit(feature_batches, max_epochs, ckpt_path=None, checkpoint_dir=None):
+    """Trains an EncodingModel (MLP head with dropout) as train.py does, deterministic and seeded;
+    returns (model, datamodule, final val r, trainer)."""
     features, responses = planted_data()
     dm = ArrayDataModule(features, responses, seed=0, batch_size=16, feature_batches=feature_batches)
     dm.setup()
     torch.manual_seed(0)
-    module = MLPHead(12, 9, hidden=[16], dropout=0.3) if head == "mlp" else LinearHead(12, 9)
-    model = EncodingModel(module, 12, 9, seed=0, scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9))
+    model = EncodingModel(MLPHead(12, 9, hidden=[16], dropout=0.3), 12, 9, seed=0, scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9))
     model.set_feature_stats(features[:60].mean(0), features[:60].std(0))
     callbacks = [ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None)] if checkpoint_dir else []
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", deterministic=True, logger=False,
@@ -148,7 +148,7 @@ def fit(feature_batches, max_epochs, tmp_path, head="mlp", ckpt_path=None, check
     return model, dm, val_r, trainer
 
 
-def test_datamodule_serves_tensor_batches_unless_asked_per_item(tmp_path):
+def test_datamodule_serves_tensor_batches_unless_asked_per_item():
     features, responses = planted_data()
     for choice, kind in (("auto", TensorBatches), ("device", TensorBatches), ("stream", TensorBatches),
                          ("per_item", DataLoader)):
@@ -164,10 +164,10 @@ def test_datamodule_serves_tensor_batches_unless_asked_per_item(tmp_path):
 
 
 @pytest.mark.parametrize("feature_batches", ["device", "stream"])
-def test_training_equals_the_per_item_loader(feature_batches, tmp_path):
+def test_training_equals_the_per_item_loader(feature_batches):
     """Same seed -> same batches -> the same weights (dropout included), val and test scores."""
-    ref_model, _, ref_val, _ = fit("per_item", 4, tmp_path)
-    model, _, val, _ = fit(feature_batches, 4, tmp_path)
+    ref_model, _, ref_val, _ = fit("per_item", 4)
+    model, _, val, _ = fit(feature_batches, 4)
     ref_state, state = ref_model.head.state_dict(), model.head.state_dict()
     assert ref_state["readout.weight"].abs().max() > 0.1  # it trained
     for key in ref_state:
@@ -195,7 +195,7 @@ class BatchLosses(L.Callback):
         self.logged.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def test_train_loss_is_the_epochs_size_weighted_mean(tmp_path):
+def test_train_loss_is_the_epochs_size_weighted_mean():
     """Logged once per epoch from sums kept on the device: the mean over rows, batches weighted by size."""
     features, responses = planted_data()
     dm = ArrayDataModule(features, responses, batch_size=16)  # 60 training rows: 16, 16, 16, 12
@@ -214,10 +214,10 @@ def test_train_loss_is_the_epochs_size_weighted_mean(tmp_path):
 
 def test_resume_across_data_paths_reaches_the_uninterrupted_result(tmp_path):
     """Epochs 0-1 per item, checkpoint, epochs 2-4 by index: the order depends only on (seed, epoch)."""
-    fit("per_item", 2, tmp_path, checkpoint_dir=tmp_path / "ckpt")
-    resumed, _, resumed_val, trainer = fit("device", 5, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    fit("per_item", 2, checkpoint_dir=tmp_path / "ckpt")
+    resumed, _, resumed_val, trainer = fit("device", 5, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.current_epoch == 5
-    straight, _, straight_val, _ = fit("per_item", 5, tmp_path)
+    straight, _, straight_val, _ = fit("per_item", 5)
     for key, value in straight.head.state_dict().items():
         torch.testing.assert_close(resumed.head.state_dict()[key], value, rtol=0, atol=1e-6)
     assert abs(resumed_val - straight_val) < 1e-6
@@ -235,7 +235,7 @@ def test_cuda_batches_equal_the_host_loader(placement):
     assert_same_batches([{k: t.cpu() for k, t in b.items()} for b in got], want)
 
 
-def test_training_skips_the_nan_fill_of_new_tensors_and_restores_it(tmp_path):
+def test_training_skips_the_nan_fill_of_new_tensors_and_restores_it():
     """A deterministic fit does not fill new tensors with NaN (a pure check, ~3 % of a step), then restores it."""
     import torch.utils.deterministic as deterministic
 
