@@ -50,8 +50,8 @@ class ImageDataModule(ResponseDataModule):
     ``open_stimuli(config, description)``.
     """
 
-    def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0):
-        super().__init__(seed, batch_size, num_workers)
+    def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0, feature_batches: str = "auto"):
+        super().__init__(seed, batch_size, num_workers, feature_batches)
         self.images = None
 
     @classmethod

@@ -227,13 +227,13 @@ class NODDataModule(ImageDataModule):
                  roi_files: Sequence[str] = DEFAULT_ROI_FILES, n_cortex: int = N_CORTEX, zscore: bool = True,
                  val_fraction: float = 0.1, seed: int = 0, batch_size: int = 128, num_workers: int = 0,
                  shuffle_train_targets: bool = False, imagenet_dir: str | None = None, coco_dir: str | None = None,
-                 coco_images_csv: str | None = None, name: str = "nod"):
+                 coco_images_csv: str | None = None, name: str = "nod", feature_batches: str = "auto"):
         if split not in SPLIT_MODES:
             raise ValueError(f"data.split must be one of {SPLIT_MODES}, got {split!r}")
         check_fraction(test_fraction, "data.test_fraction", "the share of the images tested on with data.split=random")
         check_fraction(val_fraction, "data.val_fraction", "the share of the training images held out for validation")
         check_subject_and_sessions(subject, sessions)
-        super().__init__(seed, batch_size, num_workers)
+        super().__init__(seed, batch_size, num_workers, feature_batches)
         self.root, self.subject, self.sessions = Path(root), int(subject), sessions
         self.roi_files, self.zscore, self.val_fraction = list(roi_files), zscore, val_fraction
         self.shuffle_train_targets, self.name = shuffle_train_targets, name

@@ -370,8 +370,8 @@ class NSDDataModule(ImageDataModule):
                  num_workers: int = 0, shuffle_train_targets: bool = False, name: str = "nsd",
                  space: str = "func1pt8mm", beta_format: str | None = None, rois: Sequence[str] | None = None,
                  test_set: str = "subject", average_repeats: bool = True,
-                 sessions_per_subject: Sequence[int] | None = None):
-        super().__init__(seed, batch_size, num_workers)
+                 sessions_per_subject: Sequence[int] | None = None, feature_batches: str = "auto"):
+        super().__init__(seed, batch_size, num_workers, feature_batches)
         if test_set not in TEST_SETS:
             raise ValueError(f"data.test_set must be one of {list(TEST_SETS)}, got {test_set!r}")
         check_fraction(val_fraction, "data.val_fraction", "the share of the training images held out for validation")

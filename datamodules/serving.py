@@ -3,7 +3,8 @@
 A subclass fills, in ``setup()``: ``split_ids`` {split: (n_rows,) int ids}, ``_responses``
 {split: (n_rows, n_voxels) float32}, ``_repeats`` {split: (n_rows,)} and ``data`` (an object with
 ``rois`` {name: bool (n_voxels,)} and ``ncsnr`` (n_voxels,)). It serves images through
-``image_dataset(split)``, or precomputed features after ``set_features``.
+``image_dataset(split)``, or precomputed features after ``set_features``: those as ``TensorBatches``,
+batches drawn by index from tensors held on the training device (``feature_batches``).
 """
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+from datamodules.tensor_batches import TensorBatches, choose_placement, split_nbytes
 
 SPLITS = ("train", "val", "test")
+# How precomputed features are served: "auto" = on the training device when they fit (else "stream");
+# "device"; "stream" (host memory, pinned chunks copied ahead); "per_item" (a DataLoader over
+# FeatureDataset, one item at a time: the reference the others are tested against).
+FEATURE_BATCHES = ("auto", "device", "stream", "per_item")
 
 
 class FeatureDataset(Dataset):
@@ -50,13 +57,17 @@ def check_loader_options(seed, batch_size, num_workers) -> None:
 class ResponseDataModule(L.LightningDataModule):
     """Targets, noise ceiling, ROIs and loaders over the splits a subclass's ``setup()`` made.
 
-    seed: the training loader's shuffling; batch_size, num_workers: the loaders'.
+    seed: the training loader's shuffling; batch_size, num_workers: the loaders'. feature_batches:
+    how precomputed features are served (``FEATURE_BATCHES``); every choice gives the same batches.
     """
 
-    def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0):
+    def __init__(self, seed: int = 0, batch_size: int = 128, num_workers: int = 0, feature_batches: str = "auto"):
         super().__init__()
         check_loader_options(seed, batch_size, num_workers)
+        if feature_batches not in FEATURE_BATCHES:
+            raise ValueError(f"data.feature_batches must be one of {FEATURE_BATCHES}, got {feature_batches!r}")
         self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.feature_batches = feature_batches
         self.data = None
         self.split_ids: dict[str, np.ndarray] = {}
         self._responses: dict[str, np.ndarray] = {}
@@ -98,8 +109,10 @@ class ResponseDataModule(L.LightningDataModule):
         """A split's images with their responses; datamodules that serve images override this."""
         raise RuntimeError(f"{type(self).__name__} serves precomputed features only: set_features() first")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | TensorBatches:
         if self.features is not None and split in self.features:
+            if self.feature_batches != "per_item":
+                return self._tensor_batches(split, shuffle)
             dataset = FeatureDataset(self.features[split], self.split_ids[split], self._responses[split])
             workers = 0
         else:
@@ -108,11 +121,36 @@ class ResponseDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=workers,
                           generator=generator)
 
-    def train_dataloader(self) -> DataLoader:
+    def _tensor_batches(self, split: str, shuffle: bool) -> TensorBatches:
+        """A split's features and responses as batches drawn by index on the trainer's device.
+
+        The sampler is the one a DataLoader would get here: RandomSampler(generator seeded by ``seed``) or
+        SequentialSampler; under DDP the DistributedSampler Lightning would put in its place (this rank's
+        share, seed ``seed``, padded to equal shares). The split is placed when its loader is asked for
+        (once per fit for the training split: every epoch reuses it).
+        """
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        n = len(self.split_ids[split])
+        ddp = trainer.distributed_sampler_kwargs if trainer is not None else None
+        sampler: Sampler[int]
+        if ddp and ddp.get("num_replicas", 1) > 1:
+            sampler = DistributedSampler(range(n), shuffle=shuffle, seed=self.seed, drop_last=False, **ddp)
+        elif shuffle:
+            sampler = RandomSampler(range(n), generator=torch.Generator().manual_seed(self.seed))
+        else:
+            sampler = SequentialSampler(range(n))
+        tensors = (self.features[split], torch.from_numpy(self._responses[split]), self.split_ids[split])
+        placement = self.feature_batches
+        if placement == "auto":
+            placement = choose_placement(split_nbytes(*tensors[:2]), device)
+        return TensorBatches(*tensors, sampler, self.batch_size, device, placement)
+
+    def train_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorBatches:
         return self._loader("test", shuffle=False)

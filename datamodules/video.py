@@ -180,8 +180,9 @@ class VideoDataModule(ResponseDataModule):
                  detrend_order: int = 4, detrend_features: bool = True, frame_stride: int = 15,
                  hrf: str | dict = "wen", pca_variance: float | None = None, val_segments: int = 2, seed: int = 0,
                  stimuli_dir: str = "stimuli", batch_size: int = 128, frame_batch_size: int = 64,
-                 name: str = "video", timing: str = "released", frame_scaling: Mapping | None = None):
-        super().__init__(seed, batch_size)
+                 name: str = "video", timing: str = "released", frame_scaling: Mapping | None = None,
+                 feature_batches: str = "auto"):
+        super().__init__(seed, batch_size, feature_batches=feature_batches)
         self.root, self.subject, self.stimuli_dir = Path(root), int(subject), stimuli_dir
         self.train_stimuli = segment_names("seg", train_segments)
         self.test_stimuli = segment_names("test", test_segments)

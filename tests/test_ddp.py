@@ -5,6 +5,9 @@ script for rank 1 of each job. The known trap — a child re-running the whole s
 `${now:}` into a second output directory, or skipping the test — would show as extra directories or
 missing metrics. The test split has an odd number of images, so DistributedSampler pads one rank
 with a repeated image: counting it would move the per-voxel r by ~0.1, far beyond the tolerance.
+The linear job's features are served as batches drawn by index on each rank (its DistributedSampler
+share); a second DDP run with the per-item DataLoader (``data.feature_batches=per_item``) must train
+the same weights and give the same scores.
 """
 import json
 import os
@@ -26,7 +29,8 @@ from train import train
 
 # 41 test images (odd), 8 val: DistributedSampler pads both splits for 2 ranks.
 ODD = {**SMALL_SYNTHETIC, "n_subjects": 1, "n_shared": 41, "n_unique": 81, "n_sessions": 3}
-COMMON = ["experiment=demo", "logger=csv", "trainer.max_epochs=3", "trainer.enable_progress_bar=false"]
+COMMON = ["experiment=demo", "logger=csv", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+          "data.batch_size=16"]  # several batches per rank and epoch: their order matters
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +72,23 @@ def test_ddp_multirun_equals_single_process(odd_root, make_cfg, tmp_path):
     assert np.isfinite(ref["test_r"]).sum() > 100
     np.testing.assert_allclose(ddp["test_r"], ref["test_r"], atol=1e-5)
     np.testing.assert_allclose(ddp["val_r"], ref["val_r"], atol=1e-5)
+
+    # The linear head trained under DDP from batches drawn by index equals the per-item DataLoader's run.
+    per_item = tmp_path / "per_item"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "trainer=ddp_cpu", "head=linear", "data.feature_batches=per_item", *COMMON,
+         *data, f"paths.output_dir={out}", f"hydra.run.dir={per_item}"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    index_run = out / "sweep" / "1_tiny_linear"
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["head.linear.weight"]
+            for d in (index_run, per_item))
+    assert a.abs().max() > 3e-3  # several AdamW steps of lr 1e-3
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for key in ("val_r", "test_r"):
+        np.testing.assert_allclose(np.load(index_run / "voxel_metrics.npz")[key],
+                                   np.load(per_item / "voxel_metrics.npz")[key], atol=1e-6)
 
 
 @pytest.mark.parametrize("n,world,shuffle", [(41, 2, False), (7, 3, True), (8, 2, False), (2, 3, False)])
