@@ -297,6 +297,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> tuple[RunDir, str | None]:
     if str(cfg.features) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {FEATURE_MODES}, got {cfg.features!r}")
     check_precision(cfg)
+    check_voxel_batch(cfg)
     nc_threshold(cfg)
     if "wandb" in (cfg.get("logger") or {}):
         try:
@@ -333,7 +334,9 @@ def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run:
     start_wandb(trainer, cfg, model, dm)
     if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
+        # On the trainer's device (a GPU under accelerator=gpu; under DDP each rank's own), not the model's (the CPU).
+        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"],
+                       device=trainer.strategy.root_device)
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
         trainer.save_checkpoint(run.file(LAST_CHECKPOINT))
@@ -388,6 +391,13 @@ def check_precision(cfg: DictConfig) -> None:
                           "the head, its loss and the metrics stay float32, only the backbone autocasts")
     if precision == "16-mixed" and extraction_device(cfg) == "cpu":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; use precision=bf16-mixed on a CPU")
+
+
+def check_voxel_batch(cfg: DictConfig) -> None:
+    """head.voxel_batch (ridge heads): a positive integer or auto, checked before any feature is extracted."""
+    value = OmegaConf.select(cfg, "head.voxel_batch", default="auto")
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"head.voxel_batch must be a positive integer or auto, got {value!r}")
 
 
 def backbone_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
