@@ -27,7 +27,7 @@ endif
 	$(PY) analyze.py analysis=summary sweep_dir=$(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-all: setup
 	$(PY) -m pytest -q

@@ -336,7 +336,9 @@ def fit_and_test(cfg: DictConfig, model: EncodingModel, dm, features: dict, run:
     start_wandb(trainer, cfg, model, dm)
     if getattr(model.head, "closed_form", False):
         # Closed form: solved on the training split (alphas by CV inside it), no epochs.
-        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"])
+        # On the trainer's device (a GPU under accelerator=gpu; under DDP each rank's own), not the model's (the CPU).
+        model.head.fit(model.features(features["train"]), dm.targets("train"), groups=dm.split_ids["train"],
+                       device=trainer.strategy.root_device)
         trainer.validate(model, datamodule=dm, verbose=False)
         trainer.test(model, datamodule=dm, verbose=False)
         trainer.save_checkpoint(run.file(LAST_CHECKPOINT))

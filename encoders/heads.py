@@ -81,7 +81,8 @@ class RidgeHead(nn.Module):
     ``fit(features (n, n_features), targets (n, n_voxels), groups=None (n,))`` solves it; afterwards it
     predicts like LinearHead. groups: the rows' stimulus ids (train.py passes the split's ids): rows that
     share an id (single trials of one image) are never split across CV folds; with every id distinct the
-    folds are the plain K-fold. cv: an int or a scikit-learn splitter (``encoders.ridge.RidgeCV``). It has no
+    folds are the plain K-fold. cv: an int or a scikit-learn splitter (``encoders.ridge.RidgeCV``); voxel_batch:
+    an int or "auto" (sized from the device's free memory, ``encoders.ridge.auto_voxel_batch``). It has no
     trainable parameters: train.py fits it instead of running epochs.
     Buffers: weight (n_voxels, n_features), bias (n_voxels,), best_alphas (n_voxels,).
     """
@@ -89,7 +90,7 @@ class RidgeHead(nn.Module):
     closed_form = True
 
     def __init__(self, n_features: int, n_voxels: int, alphas: Sequence[float] | None = None, cv=5,
-                 score: str = "r2", shuffle_folds: bool = True, seed: int = 0, voxel_batch: int = 4096):
+                 score: str = "r2", shuffle_folds: bool = True, seed: int = 0, voxel_batch: int | str = "auto"):
         super().__init__()
         self.estimator = RidgeCV(alphas=DEFAULT_ALPHAS if alphas is None else list(alphas), cv=cv, score=score,
                                  shuffle=shuffle_folds, seed=seed, voxel_batch=voxel_batch)
@@ -98,9 +99,12 @@ class RidgeHead(nn.Module):
         self.register_buffer("best_alphas", torch.full((n_voxels,), float("nan"), dtype=torch.float64))
 
     @torch.no_grad()
-    def fit(self, features: torch.Tensor, targets: torch.Tensor | np.ndarray, groups=None) -> "RidgeHead":
-        """Choose each voxel's alpha by CV on these (training) samples, then fit on all of them."""
-        device = self.weight.device
+    def fit(self, features: torch.Tensor, targets: torch.Tensor | np.ndarray, groups=None,
+            device: str | torch.device | None = None) -> "RidgeHead":
+        """Choose each voxel's alpha by CV on these (training) samples, then fit on all of them. device: where
+        the algebra runs (train.py: the trainer's device, a GPU under accelerator=gpu and each DDP rank's own);
+        default the buffers' device. The buffers stay where they are."""
+        device = torch.device(device) if device is not None else self.weight.device
         est = self.estimator
         est.device = str(device)
         est.fit(features.to(device), torch.as_tensor(np.asarray(targets)).to(device), groups=groups)
@@ -114,7 +118,7 @@ class RidgeHead(nn.Module):
 
     @classmethod
     def check_options(cls, alphas: Sequence[float] | None = None, cv=5, score: str = "r2", shuffle_folds: bool = True,
-                      seed: int = 0, voxel_batch: int = 4096, prefix: str = "") -> None:
+                      seed: int = 0, voxel_batch: int | str = "auto", prefix: str = "") -> None:
         """ValueError naming ``<prefix><option>`` for options the ridge cannot use (``encoders.ridge.check_options``:
         alphas, cv, score, voxel_batch); no data needed."""
         ridge.check_options(alphas, cv, score, voxel_batch, prefix)
@@ -123,7 +127,7 @@ class RidgeHead(nn.Module):
 
     @classmethod
     def check_training_set(cls, groups: np.ndarray, alphas=None, cv=5, score: str = "r2", shuffle_folds: bool = True,
-                           seed: int = 0, voxel_batch: int = 4096, prefix: str = "") -> None:
+                           seed: int = 0, voxel_batch: int | str = "auto", prefix: str = "") -> None:
         """ValueError naming ``<prefix>cv`` when its folds cannot split a training set whose rows carry these
         stimulus ids ``groups`` (n_rows,) — e.g. more folds than images (``encoders.ridge.check_folds``).
         Indices only: run it after the split, before any features are computed."""

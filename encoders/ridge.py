@@ -15,6 +15,11 @@ fold's training set is the complement of its held-out set and the held-out sets 
 and its group variants, PredefinedSplit) the training statistics are the totals minus the fold's;
 otherwise (ShuffleSplit, TimeSeriesSplit) they are summed over the training indices.
 
+Voxel batches: ``voxel_batch="auto"`` sizes them from the memory free on the fit's device
+(``free_bytes``: CUDA's free memory plus what torch's allocator holds unused; on the CPU the kernel's
+MemAvailable) and the solver's working memory per voxel (``solve_bytes_per_voxel``), through the pure
+``auto_voxel_batch``. Results do not depend on the batch (every voxel's algebra is its own column).
+
 Kernels are plain functions on tensors; ``RidgeCV`` is a thin array-in / array-out estimator.
 """
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch
 from encoders.progress import track
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-8, 10, 19))
+CPU_VOXEL_BATCH = 4096        # on the CPU larger batches buy nothing (the matmuls are already large); RAM may lower it
+MEMORY_FRACTION = {"cuda": 0.8, "cpu": 0.5}   # of the free memory a voxel batch may use
+CUDA_RESERVE = 512 * 2 ** 20  # bytes kept free on a GPU besides: cuBLAS/cuSOLVER workspaces, fragmentation
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +152,11 @@ def check_cv(cv, prefix: str = "") -> None:
         raise ValueError(f"{prefix}cv must be {CV_CHOICES}; got a list of {len(cv)} item(s) ({problem})")
 
 
-def check_options(alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", voxel_batch: int = 4096, prefix: str = "") -> None:
+def check_options(alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", voxel_batch: int | str = "auto",
+                  prefix: str = "") -> None:
     """ValueError (one line naming ``<prefix><option>``) for options RidgeCV cannot use: alphas (a non-empty
     list of finite, non-negative numbers; None = DEFAULT_ALPHAS), cv (``check_cv``), score ('r2' | 'corr'),
-    voxel_batch (a positive int). Cheap: run it before any data is read."""
+    voxel_batch (a positive int, or "auto": sized by free memory, ``auto_voxel_batch``). Cheap: run it before any data is read."""
     if alphas is not None:
         values = list(np.ravel(alphas)) if isinstance(alphas, np.ndarray) else list(alphas) if _is_list(alphas) else []
         if not values or not all(isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, bool)
@@ -158,8 +167,8 @@ def check_options(alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", voxel_batch: i
     check_cv(cv, prefix)
     if score not in ("r2", "corr"):
         raise ValueError(f"{prefix}score must be 'r2' or 'corr', got {score!r}")
-    if not _is_int(voxel_batch) or voxel_batch < 1:
-        raise ValueError(f"{prefix}voxel_batch must be a positive int, got {voxel_batch!r}")
+    if voxel_batch != "auto" and (not _is_int(voxel_batch) or voxel_batch < 1):
+        raise ValueError(f"{prefix}voxel_batch must be a positive integer or 'auto', got {voxel_batch!r}")
 
 
 def check_folds(cv, n_samples: int, groups=None, shuffle: bool = True, seed: int = 0, prefix: str = "") -> None:
@@ -202,6 +211,64 @@ def score_from_sums(score: str, n: float, s_py: torch.Tensor, s_pp: torch.Tensor
         var_p = (s_pp - s_p ** 2 / n).clamp(min=0)
         return cov / torch.sqrt(var_p * sst).clamp(min=1e-300)
     raise ValueError(f"score must be 'r2' or 'corr', got {score!r}")
+
+
+def solve_bytes_per_voxel(solver: str, n_samples: int, n_features: int, n_alphas: int, n_splits: int,
+                          max_rows: int, n_blocks: int | None = None, y_itemsize: int = 4) -> int:
+    """Upper bound of the bytes one voxel of a batch occupies while ``solver.solve`` runs (tensors it
+    allocates, its outputs included; not the solver's own per-split matrices, made before the batches).
+
+    primal: per-block and per-split XᵀY and sums (float64, d + 2 per voxel each: ``n_blocks`` blocks, the
+    training sets' and the totals), the rows of one block (``max_rows``: the largest held-out block when the
+    splits partition the samples, else n_samples) as gathered input, its float64 copy and squares, and a
+    split's (d,)-columns in the solve (B̂, P̂, their products, the float32 Ĉ·W). dual: Y in float64, a
+    split's training and held-out columns, the per-alpha predictions and the refit's n-columns, W (d,).
+    Measured on the CPU (every storage the solve creates, tests/test_ridge.py): the peak is 0.35-0.65 of this.
+    """
+    d, n, a = int(n_features), int(n_samples), int(n_alphas)
+    if solver == "primal":
+        blocks = n_splits if n_blocks is None else n_blocks
+        per_stat = 8 * (d + 2) * (blocks + 2 * n_splits + 2)
+        rows = (3 * y_itemsize + 24) * int(max_rows)
+        return per_stat + rows + 64 * d + 64 * a
+    if solver == "dual":
+        return y_itemsize * n + 8 * (4 * n + 2 * d + 4 * a)
+    raise ValueError(f"solver must be 'primal' or 'dual', got {solver!r}")
+
+
+def auto_voxel_batch(free: int | None, bytes_per_voxel: int, n_voxels: int, device_type: str = "cpu") -> int:
+    """Voxels per batch for ``free`` bytes of free memory (None: unknown) on a device of ``device_type``.
+
+    cuda: MEMORY_FRACTION["cuda"] of (free - CUDA_RESERVE) / bytes_per_voxel, up to every voxel at once;
+    cpu: that with MEMORY_FRACTION["cpu"] and no reserve, at most CPU_VOXEL_BATCH; unknown free memory
+    (or another device type): CPU_VOXEL_BATCH. At least 1, at most n_voxels (>= 1).
+    """
+    n_voxels = max(int(n_voxels), 1)
+    if free is None or device_type not in MEMORY_FRACTION:
+        return min(CPU_VOXEL_BATCH, n_voxels)
+    reserve = CUDA_RESERVE if device_type == "cuda" else 0
+    budget = MEMORY_FRACTION[device_type] * max(int(free) - reserve, 0)
+    batch = int(budget // max(int(bytes_per_voxel), 1))
+    if device_type == "cpu":
+        batch = min(batch, CPU_VOXEL_BATCH)
+    return max(1, min(batch, n_voxels))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device``: CUDA's free memory plus what torch's caching allocator holds
+    unused; the CPU's MemAvailable (Linux /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 @dataclass
@@ -249,9 +316,17 @@ class _PrimalSolver:
             self.test_stats = [FoldStats.of(self.X[test]) for _, test in splits]
             self.train_stats = [FoldStats.of(self.X[train]) for train, _ in splits]
         self.fold_eig = [self._eig(k) for k in range(len(splits))]
+        self.n_features = X.shape[1]
+        self.n_blocks = len(self.blocks) if self.partition else len(splits)
+        self.max_rows = max(len(b) for b in self.blocks) if self.partition else n
         mu = self.total.sx / n
         s_full, U_full = torch.linalg.eigh(self.total.xtx - n * torch.outer(mu, mu))
         self.full_eig = (s_full.clamp(min=0), U_full, mu)
+
+    def bytes_per_voxel(self, n_alphas: int, y_itemsize: int = 4) -> int:
+        """``solve_bytes_per_voxel`` for this solver's shapes."""
+        return solve_bytes_per_voxel("primal", self.total.n, self.n_features, n_alphas, len(self.splits),
+                                     self.max_rows, self.n_blocks, y_itemsize)
 
     def _eig(self, k: int):
         """Eigenbasis U, eigenvalues s of split k's centred training XᵀX, its held-out Ĉ and ŝ."""
@@ -327,6 +402,11 @@ class _DualSolver:
         lam, V = torch.linalg.eigh(Xc @ Xc.T)
         self.full_eig = (lam.clamp(min=0), V, Xc)
 
+    def bytes_per_voxel(self, n_alphas: int, y_itemsize: int = 4) -> int:
+        """``solve_bytes_per_voxel`` for this solver's shapes."""
+        return solve_bytes_per_voxel("dual", self.n, self.X.shape[1], n_alphas, len(self.splits), self.n,
+                                     y_itemsize=y_itemsize)
+
     def cv_scores(self, Y: torch.Tensor, alphas: torch.Tensor, score: str) -> torch.Tensor:
         Yd = Y.double()
         total = torch.zeros(len(alphas), Y.shape[1], dtype=torch.float64, device=Y.device)
@@ -365,11 +445,13 @@ class RidgeCV:
     voxels whose best alpha is the grid's smallest / largest (a one-line warning when either is > 0:
     the grid may be too narrow). Arrays in (numpy or torch), numpy out. ``device`` runs the algebra there.
     progress: report the fit over its voxel batches (a bar on a terminal, a line every ~30 s elsewhere;
-    ``encoders.progress``).
+    ``encoders.progress``). voxel_batch: voxels solved at once, a positive int or "auto" (``auto_voxel_batch``:
+    from the memory free on the device once the solver's per-split matrices are made; on a GPU up to every
+    voxel at once, on the CPU at most 4096); the batch used is ``voxel_batch_``.
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, cv=5, score: str = "r2", shuffle: bool = True,
-                 seed: int = 0, voxel_batch: int = 4096, solver: str = "auto", device: str | None = None,
+                 seed: int = 0, voxel_batch: int | str = "auto", solver: str = "auto", device: str | None = None,
                  progress: bool = True):
         check_options(alphas, cv, score, voxel_batch)
         if solver not in ("auto", "primal", "dual"):
@@ -402,10 +484,12 @@ class RidgeCV:
         self.best_alphas_ = np.empty(n_vox, dtype=np.float64)
         self.coef_ = np.empty((n_vox, X.shape[1]), dtype=np.float32)
         self.intercept_ = np.empty(n_vox, dtype=np.float32)
-        for start in track(range(0, n_vox, self.voxel_batch), f"ridge fit ({len(alphas)} alphas, {self.n_splits_} "
-                           f"folds)", total=n_vox, unit="voxels", size=lambda s: min(self.voxel_batch, n_vox - s),
-                           enabled=self.progress):
-            sl = slice(start, min(start + self.voxel_batch, n_vox))
+        batch = self.voxel_batch_ = self._voxel_batch(engine, len(alphas), Y)
+        self.device_ = str(Y.device)
+        for start in track(range(0, n_vox, batch), f"ridge fit ({len(alphas)} alphas, {self.n_splits_} "
+                           f"folds)", total=n_vox, unit="voxels",
+                           size=lambda s: min(batch, n_vox - s), enabled=self.progress):
+            sl = slice(start, min(start + batch, n_vox))
             scores, W, b, best = engine.solve(Y[:, sl], alphas, self.score_name)
             self.cv_scores_[:, sl] = scores.cpu().numpy()
             self.best_alphas_[sl] = alphas[best].cpu().numpy()
@@ -415,12 +499,25 @@ class RidgeCV:
         self._check_grid_edges()
         return self
 
+    def _voxel_batch(self, engine, n_alphas: int, Y: torch.Tensor) -> int:
+        """The voxel batch of this fit: ``voxel_batch`` as given, or sized for the free memory ("auto")."""
+        if self.voxel_batch != "auto":
+            return int(self.voxel_batch)
+        per_voxel = engine.bytes_per_voxel(n_alphas, Y.element_size())
+        free = free_bytes(Y.device)
+        batch = auto_voxel_batch(free, per_voxel, Y.shape[1], Y.device.type)
+        log.debug("ridge: %d voxels a batch (%s free on %s, %.1f kB a voxel)", batch,
+                  "?" if free is None else f"{free / 2 ** 30:.1f} GiB", Y.device, per_voxel / 1024)
+        return batch
+
     def cv_record(self) -> dict[str, np.ndarray]:
         """What a run records about the alpha selection besides alphas, best alphas and CV scores:
-        alpha_edge_fraction [lowest, highest], grouped (bool), n_splits."""
+        alpha_edge_fraction [lowest, highest], grouped (bool), n_splits, voxel_batch (the batch used),
+        device (where it was solved)."""
         f = self.alpha_edge_fraction_
         return {"alpha_edge_fraction": np.array([f["lowest"], f["highest"]]), "grouped": np.array(self.grouped_),
-                "n_splits": np.array(self.n_splits_)}
+                "n_splits": np.array(self.n_splits_), "voxel_batch": np.array(self.voxel_batch_),
+                "device": np.array(self.device_)}
 
     def _check_grid_edges(self) -> None:
         """alpha_edge_fraction_ over the voxels with a finite CV score; one warning line if any sits at an end."""

@@ -21,6 +21,17 @@ SMALL_SYNTHETIC = dict(n_subjects=2, n_shared=150, n_unique=300, n_sessions=5, i
                        volume_shape=(12, 14, 12), seed=0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped, with the reason, where CUDA is not available."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic NSD-layout dataset shared by the tests that only read it."""

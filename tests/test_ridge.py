@@ -235,3 +235,103 @@ def test_train_groups_single_trials_of_an_image(make_cfg, synthetic_root, tmp_pa
     np.testing.assert_array_equal(est.best_alphas_, refit.best_alphas_)
     record = np.load(tmp_path / "run" / "ridge_cv.npz")
     assert bool(record["grouped"]) and record["alpha_edge_fraction"].shape == (2,)
+
+
+# ----------------------------------------------------------------------------- voxel batches sized by memory
+
+def batch_fits(X, Y, batches, **kwargs):
+    return {vb: RidgeCV(alphas=ALPHAS, progress=False, **kwargs, voxel_batch=vb).fit(X, Y) for vb in batches}
+
+
+@pytest.mark.parametrize("solver,cv", [("primal", 5), ("dual", 5), ("primal", "shuffle"), ("dual", "shuffle")])
+def test_results_do_not_depend_on_the_voxel_batch(solver, cv, caplog):
+    """Every voxel's algebra is its own column, but BLAS may sum a column differently in a (d, 1) product
+    than in a (d, 300) one: the CV scores' quadratic term is float32 (Ĉ·W, relative error ~ d * 6e-8), so
+    scores agree to 1e-6 (measured 1e-7), the float64 refit to float32 rounding, and alphas wherever the
+    best two CV scores of a voxel are more than 1e-6 apart."""
+    X, Y = make_data(n=150, d=20 if solver == "primal" else 200, v=300, seed=6)
+    splits = ShuffleSplit(4, test_size=0.25, random_state=0) if cv == "shuffle" else cv
+    fits = batch_fits(X, Y, (1, 7, 64, "auto", 300), solver=solver, cv=splits)
+    ref = fits[300]
+    assert fits["auto"].voxel_batch_ == 300 and fits[7].voxel_batch_ == 7  # auto on a CPU: every voxel (< 4096)
+    for vb, fit in fits.items():
+        assert_same_fit(fit, ref, f"voxel_batch={vb}")
+        assert int(fit.cv_record()["voxel_batch"]) == fit.voxel_batch_
+
+
+def assert_same_fit(fit, ref, what="", score_atol=1e-6):
+    """CV scores within score_atol; alphas and weights equal (to float32 rounding) wherever a voxel's best two
+    CV scores are more than score_atol apart (over 90 % of the voxels)."""
+    top2 = np.sort(ref.cv_scores_, axis=0)[-2:]
+    clear = top2[1] - top2[0] > score_atol
+    assert clear.mean() > 0.9
+    np.testing.assert_allclose(fit.cv_scores_, ref.cv_scores_, rtol=0, atol=score_atol, err_msg=what)
+    np.testing.assert_array_equal(fit.best_alphas_[clear], ref.best_alphas_[clear], err_msg=what)
+    np.testing.assert_allclose(fit.coef_[clear], ref.coef_[clear], rtol=0, atol=1e-6 * np.abs(ref.coef_).max(),
+                               err_msg=what)
+
+
+def test_auto_voxel_batch_respects_the_memory_budget():
+    from encoders.ridge import CPU_VOXEL_BATCH, CUDA_RESERVE, MEMORY_FRACTION, auto_voxel_batch
+    gib = 2 ** 30
+    for free, per_voxel in [(80 * gib, 263_000), (3 * gib, 1_000_000), (gib, 50_000), (CUDA_RESERVE + 10 ** 6, 10 ** 5)]:
+        batch = auto_voxel_batch(free, per_voxel, 10 ** 7, "cuda")
+        assert batch * per_voxel <= MEMORY_FRACTION["cuda"] * (free - CUDA_RESERVE) or batch == 1
+        assert (batch + 1) * per_voxel > MEMORY_FRACTION["cuda"] * (free - CUDA_RESERVE)  # the largest that fits
+    assert auto_voxel_batch(120 * gib, 263_000, 300_000, "cuda") == 300_000  # a whole brain at once on an H200
+    assert auto_voxel_batch(0, 263_000, 300_000, "cuda") == 1  # never 0, even with nothing free
+    assert auto_voxel_batch(64 * gib, 263_000, 300_000, "cpu") == CPU_VOXEL_BATCH  # CPU: capped
+    assert auto_voxel_batch(gib, 10 ** 6, 300_000, "cpu") == int(MEMORY_FRACTION["cpu"] * gib // 10 ** 6)
+    assert auto_voxel_batch(None, 1, 300_000, "cuda") == CPU_VOXEL_BATCH  # unknown free memory
+    assert auto_voxel_batch(64 * gib, 1, 100, "mps") == 100
+    assert auto_voxel_batch(64 * gib, 1, 10, "cpu") == 10
+
+
+@pytest.mark.parametrize("solver,cv,n,d,n_alphas,dtype", [
+    ("primal", 5, 400, 64, 10, torch.float32), ("primal", 3, 400, 128, 20, torch.float64),
+    ("primal", 10, 2000, 32, 30, torch.float32), ("primal", "shuffle", 300, 40, 10, torch.float32),
+    ("dual", 5, 100, 300, 10, torch.float32), ("dual", 3, 100, 1000, 20, torch.float64),
+    ("dual", "shuffle", 80, 300, 10, torch.float32)])
+def test_memory_estimate_bounds_the_tensors_a_batch_allocates(solver, cv, n, d, n_alphas, dtype):
+    """solve_bytes_per_voxel x batch >= the peak bytes of every tensor storage the solve of one batch creates
+    (counted op by op, tests/tensor_bytes.py), and not wildly above it (>= 0.3 of the estimate: measured
+    0.36-0.63), so "auto" neither overflows the budget nor wastes most of it."""
+    from encoders.ridge import _DualSolver, _PrimalSolver
+    from tests.tensor_bytes import LiveTensorBytes
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, 260, generator=g, dtype=dtype)
+    splits = cv_splits(ShuffleSplit(4, test_size=0.25, random_state=0) if cv == "shuffle" else cv, n)
+    engine = (_PrimalSolver if solver == "primal" else _DualSolver)(X, splits)
+    alphas = torch.logspace(-2, 5, n_alphas, dtype=torch.float64)
+    vb = 256
+    with LiveTensorBytes() as counted:
+        result = engine.solve(Y[:, 2:2 + vb], alphas, "r2")
+    estimate = engine.bytes_per_voxel(n_alphas, Y.element_size()) * vb
+    assert counted.current > 0 and result[1].shape == (d, vb)
+    assert 0.3 * estimate <= counted.peak <= estimate, (counted.peak, estimate)
+
+
+def test_auto_batches_follow_the_free_memory(monkeypatch):
+    """With little memory free the fit takes small batches, the same answer, and records the batch used."""
+    import encoders.ridge as ridge
+    X, Y = make_data(n=150, d=20, v=200, seed=7)
+    big = RidgeCV(alphas=ALPHAS, progress=False).fit(X, Y)
+    per_voxel = ridge.solve_bytes_per_voxel("primal", 150, 20, len(ALPHAS), 5, 30, 5, 4)
+    monkeypatch.setattr(ridge, "free_bytes", lambda device: int(9.5 * per_voxel / ridge.MEMORY_FRACTION["cpu"]))
+    small = RidgeCV(alphas=ALPHAS, progress=False).fit(X, Y)
+    assert (big.voxel_batch_, small.voxel_batch_) == (200, 9)
+    assert int(small.cv_record()["voxel_batch"]) == 9 and str(small.cv_record()["device"]) == "cpu"
+    assert_same_fit(small, big)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "big", True])
+def test_bad_voxel_batch_is_named(bad):
+    with pytest.raises(ValueError, match="voxel_batch must be a positive integer or 'auto'"):
+        RidgeCV(voxel_batch=bad)
+
+
+def test_train_refuses_a_bad_head_voxel_batch_before_extracting(make_cfg, tmp_path):
+    from train import ConfigError, train
+    with pytest.raises(ConfigError, match="head.voxel_batch must be a positive integer or 'auto', got 0"):
+        train(make_cfg(["head=ridge", "head.voxel_batch=0", "logger=none"]), tmp_path / "run")
+    assert not (tmp_path / "feature_cache").exists()
