@@ -314,7 +314,7 @@ def test_hydra_help_and_cfg_still_work(capsys):
     code, lines = run_main("train.py", ["--help"], capsys)
     assert code == 0 and not error_lines(lines) and "Powered by Hydra" in capsys.readouterr().out
     code, lines = run_main("train.py", ["--cfg", "job", "head=ridge"], capsys)
-    assert code == 0 and not error_lines(lines) and "voxel_batch: 4096" in capsys.readouterr().out
+    assert code == 0 and not error_lines(lines) and "voxel_batch: auto" in capsys.readouterr().out
 
 
 def test_cli_hydra_mistake_through_a_shell():
