@@ -250,7 +250,8 @@ class VideoDataModule(ResponseDataModule):
     # -- features per TR ---------------------------------------------------------
     def frame_features(self, backbone, extract: FrameExtractor) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Per-frame features {stimulus: (n_frames, n_features)} and what ``extract`` said per movie."""
-        self.set_transform(backbone.transform)
+        if self.transform is None:  # train.py sets it (decode only, for preprocessing on the device, or per image)
+            self.set_transform(backbone.transform)
         indices = self.frame_indices()
         out, status = {}, {}
         for stimulus in self.stimuli:
