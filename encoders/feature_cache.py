@@ -2,9 +2,11 @@
 
 Key = hash of (backbone name, a fingerprint of its actual weights, the backbone's description: family,
 model, tag, each layer's module path, pooling and width, normalisation and the full preprocessing spec;
-where it ran: the device type and the resize arithmetic (``encoders.extract.pixel_record``: CUDA's float32
-resize and convolutions give other last digits than the CPU's; the per-image and the batched transform on a
-CPU give the same pixels and share entries); the stimulus source and the stimulus ids). One file per key: ``<dir>/<backbone>-<key[:16]>.h5``
+where it ran, unless on a CPU with the fixed-point uint8 resize (``pixels``: the device type and the resize
+arithmetic, ``encoders.extract.pixel_record``: CUDA's float32 resize and convolutions give other last digits
+than the CPU's); the stimulus source and the stimulus ids). The per-image transform in the loader and the
+batched one (``preprocess_on=cpu|device``) give the same pixels on a CPU and share entries, and those keys are
+the ones of the files written before ``pixels`` existed. One file per key: ``<dir>/<backbone>-<key[:16]>.h5``
 (the name made file-safe) with datasets ``features`` (n, n_features) float32 and ``ids`` (n,),
 and the full key description in its attributes.
 
@@ -52,16 +54,24 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Extractions on a CPU whose resize is torch's fixed-point uint8 kernel (or nearest): the arithmetic of every
+# cache file written before the key recorded where it ran, so their keys leave "pixels" out and stay valid.
+_REFERENCE_PIXELS = ({"device": "cpu", "resize": "uint8"}, {"device": "cpu", "resize": "nearest"})
+
+
 def feature_key(backbone, stimuli: dict, ids: np.ndarray, pixels: dict | None = None) -> dict:
     """The description whose hash is the cache key: backbone + weights + layers + preprocessing + where it
     ran + stimuli.
 
     ``backbone.describe()`` gives each layer's module path, pooling and width and the exact preprocessing
-    (Preprocess fields), so two layers or two transforms never share an entry; ``pixels``
-    (``encoders.extract.pixel_record``: device type, resize arithmetic) keeps a CUDA extraction apart from
-    a CPU one."""
+    (Preprocess fields), so two layers or two transforms never share an entry. ``pixels``
+    (``encoders.extract.pixel_record``: device type, resize arithmetic; default: the per-image transform and
+    the forward on this CPU) keeps a CUDA extraction apart from a CPU one; it is recorded only where it
+    differs from a CPU with the fixed-point uint8 resize (``_REFERENCE_PIXELS``)."""
+    pixels = pixels if pixels is not None else pixel_record(backbone, "cpu", "cpu")
+    where = {} if pixels in _REFERENCE_PIXELS else {"pixels": pixels}
     return {
-        "pixels": pixels if pixels is not None else pixel_record(backbone, "cpu", "cpu"),
+        **where,
         "backbone": backbone.spec.name,
         "weights": weights_fingerprint(backbone.model),
         "layers": list(backbone.layers),
