@@ -151,7 +151,7 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
                                          preprocess_on=preprocess_on)
             return result.features, result.status
 
-        features, dm_info = dm.prepare_features(backbone, extract)
+        features, dm_info = dm.prepare_features(backbone, extract, loader_transform(backbone, preprocess_on))
         dm.set_transform(backbone.transform)  # any later image served goes through the per-image transform
         info.update(dm_info, cache_dir=str(cfg.feature_cache_dir) if cache else None, extraction=extraction_record(stats))
         return features, info
