@@ -265,19 +265,24 @@ def iter_features(backbone: nn.Module, loader: DataLoader, device: str | torch.d
                     decoded, images = next(source)
                 except StopIteration:
                     break
+                except BaseException:  # reading failed: the batches before it are still handed out first
+                    if pending is not None:
+                        held, pending = pending, None
+                        yield finish(held)
+                    raise
                 if stats is not None:
                     stats.waiting_s += time.perf_counter() - asked
                 if uploader is not None:
                     images = uploader.receive(images)
                 x = transform(images) if decoded else images.to(device, non_blocking=True)
                 out = backbone(x).float()
-                if cuda:
-                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                    host.copy_(out, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(device))
-                else:
-                    host, event = out, None
+                if not cuda:  # nothing runs asynchronously: the rows are ready
+                    yield finish((out, None, int(x.shape[0])))
+                    continue
+                host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                host.copy_(out, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
                 if pending is not None:
                     yield finish(pending)
                 pending = (host, event, int(x.shape[0]))
