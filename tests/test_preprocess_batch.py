@@ -11,6 +11,7 @@ levels on average at most; against the libraries' own transforms (PIL) 1 level o
 more. Asserted with margin: <= 3 levels, under 1 % of the values differing at all, under 0.1 % by more
 than 1 level, < 0.02 levels on average.
 """
+import json
 import threading
 
 import numpy as np
@@ -292,3 +293,29 @@ def test_the_prefetch_thread_stops_when_the_consumer_stops_early():
     features.close()
     assert not prefetch_threads()
     assert source.reads <= 4 * 6 < len(source)  # read ahead by a few batches, not to the end
+
+
+# ----------------------------------------------------------------------------- train.py
+
+
+FAST = ["experiment=demo", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+
+
+def test_train_shares_the_cache_between_the_two_paths_and_records_the_choice(make_cfg, synthetic_root, tmp_path):
+    from train import ConfigError, train
+
+    overrides = FAST + [f"data.root={synthetic_root}", "data.synthetic=null", "features=cached"]
+    runs = {where: train(make_cfg(overrides + [f"preprocess_on={where}"], tmp_path / where), tmp_path / where)
+            for where in ("cpu", "device")}
+    info = {where: json.loads((tmp_path / where / "run.json").read_text())["features"] for where in runs}
+    assert info["cpu"]["preprocess_on"] == "cpu" and info["device"]["preprocess_on"] == "device"
+    assert (info["cpu"]["cache_status"], info["device"]["cache_status"]) == ("built", "hit")
+    assert info["cpu"]["cache_key"] == info["device"]["cache_key"]
+    assert info["cpu"]["pixels"] == info["device"]["pixels"] and info["cpu"]["pixels"]["device"] == "cpu"
+    assert runs["device"].metrics["test"]["r_mean"] == runs["cpu"].metrics["test"]["r_mean"]
+    fresh = train(make_cfg(overrides + ["features=precompute"], tmp_path / "fresh"), tmp_path / "fresh")  # device
+    # extracted again, in other batches (the convolution's float sums may depend on the batch on some BLAS)
+    assert fresh.metrics["test"]["r_mean"] == pytest.approx(runs["cpu"].metrics["test"]["r_mean"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"preprocess_on must be one of \('device', 'cpu'\), got 'gpu'"):
+        train(make_cfg(overrides + ["preprocess_on=gpu"], tmp_path / "bad"), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "run.json").exists()
