@@ -15,7 +15,8 @@ Overlap: a background thread reads the loader ``prefetch`` batches ahead (its Da
 decode in parallel), pins the batches when the device is CUDA and, on a CPU, also runs the batched
 preprocessing there, while the main thread runs the backbone. Copies to CUDA are non_blocking, and batch
 k's features travel back (into pinned memory, non_blocking) while batch k + 1 is launched: the GPU does not
-wait for the caller's work on batch k (e.g. the feature-cache write).
+wait for the caller's work on batch k (e.g. the feature-cache write). Loader errors reach the caller
+unchanged; the thread stops when the caller stops early.
 """
 from __future__ import annotations
 
@@ -203,7 +204,9 @@ def iter_features(backbone: nn.Module, loader: DataLoader, device: str | torch.d
     batched preprocessing, overlapping the forward; on CUDA it pins each batch and copies it to the device
     on a copy stream, and the main thread runs the preprocessing and the forward on the current stream and
     copies the features back into pinned memory without blocking: batch k is handed out once batch k + 1
-    is launched.
+    is launched (on a CPU at once). An error raised while reading or preprocessing is raised here, unchanged
+    (the same exception object), after the batches read before it; closing this generator early (or an
+    error in the caller) stops the prefetch thread and the loader's workers.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
