@@ -50,7 +50,8 @@ def weights_fingerprint(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().reshape(-1).contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # the bytes, read in place (no copy)
     return digest.hexdigest()
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Preprocess", "ImageTransform", "BatchTransform", "decode_rgb", "resize_arithmetic", "from_timm_config", "from_torchvision_weights", "from_open_clip_cfg",
-           "from_transform", "from_mapping", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Preprocess", "ImageTransform", "BatchTransform", "decode_rgb", "resize_arithmetic", "from_timm_config",
+           "from_torchvision_weights", "from_open_clip_cfg", "from_transform", "from_mapping", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -222,7 +222,8 @@ def test_a_cache_entry_is_shared_by_both_paths_on_the_cpu(jpegs, tmp_path):
     assert cpu_keys[0] == cpu_keys[1] and "pixels" not in cpu_keys[0]
     assert set(cpu_keys[0]) == {"backbone", "weights", "layers", "normalize", "n_features", "spec", "stimuli",
                                 "ids_sha", "n_ids"}
-    cuda = {where: feature_key(backbone, source, ids, pixel_record(backbone, "cuda", where)) for where in ("device", "cpu")}
+    cuda = {where: feature_key(backbone, source, ids, pixel_record(backbone, "cuda", where))
+            for where in ("device", "cpu")}
     assert cuda["device"]["pixels"] == {"device": "cuda", "resize": "float32-separable"}
     assert cuda["cpu"]["pixels"] == {"device": "cuda", "resize": resize_arithmetic(backbone.preprocess, "cpu")}
 
