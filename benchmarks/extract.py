@@ -48,7 +48,7 @@ from datamodules.synthetic_images import CATEGORIES, draw_image  # noqa: E402
 from encoders.backbones import build_backbone  # noqa: E402
 from encoders.extract import ExtractionStats, loader_transform  # noqa: E402
 from encoders.feature_cache import FeatureCache, weights_fingerprint  # noqa: E402
-from encoders.preprocess import BatchTransform  # noqa: E402
+from encoders.preprocess import BatchTransform, decode_rgb  # noqa: E402
 
 JPEG_SIZES = ((500, 375), (375, 500), (500, 333), (640, 480))  # (width, height): ImageNet / COCO-like
 
@@ -194,7 +194,7 @@ def main() -> None:
             batch_transform = BatchTransform(backbone.preprocess)
             batches = [torch.stack([backbone.transform(im) for im in decoded[s:s + args.batch]]).to(device)
                        for s in range(0, len(ids), args.batch)]
-            raw = [[torch.from_numpy(im) for im in decoded[s:s + args.batch]]
+            raw = [[decode_rgb(im) for im in decoded[s:s + args.batch]]
                    for s in range(0, len(ids), args.batch)]
             raw = [torch.stack(b) if len({t.shape for t in b}) == 1 else b for b in raw]
             forward = bare_forward(name)
