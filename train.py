@@ -46,7 +46,9 @@ from datamodules.nsd import SPLITS  # noqa: E402
 from datamodules.synthetic import ensure_synthetic  # noqa: E402
 from encoders.config_checks import (ConfigError, check_config, check_data, check_head_training_set,  # noqa: E402
                                     resolved_config)
-from encoders.extract import ExtractionStats, extract_features  # noqa: E402
+from encoders.extract import (  # noqa: E402
+    ExtractionStats, extract_features, loader_transform, pixel_record,
+)
 from encoders.feature_cache import FeatureCache  # noqa: E402
 from encoders.feature_transform import scaling_options  # noqa: E402
 from encoders.hydra_errors import one_line_hydra_errors  # noqa: E402
@@ -111,8 +113,12 @@ def build_datamodule(cfg: DictConfig):
 
 
 def extraction_device(cfg: DictConfig) -> str:
+    """cpu, or this process's GPU (cuda:LOCAL_RANK: each DDP rank extracts on its own GPU)."""
     wants_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu"
-    return "cuda" if torch.cuda.is_available() and not wants_cpu else "cpu"
+    if not torch.cuda.is_available() or wants_cpu:
+        return "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
 def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -123,8 +129,11 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
     features are extracted here, for the standardisation statistics and closed-form heads).
     """
     mode = str(cfg.features)
-    dm.set_transform(backbone.transform)
-    info: dict = {"mode": mode}
+    # Where the resize/crop/normalise runs during extraction: batched on the device (the loader only decodes)
+    # or per image in the loader. features=online feeds the trainer's image loaders: always per image.
+    preprocess_on = str(cfg.get("preprocess_on", "device")) if mode != "online" else "cpu"
+    dm.set_transform(loader_transform(backbone, preprocess_on))
+    info: dict = {"mode": mode, "preprocess_on": preprocess_on, "pixels": pixel_record(backbone, device, preprocess_on)}
     stats = ExtractionStats()  # the images this run extracted and their wall time (run.json, W&B summary)
     if hasattr(dm, "prepare_features"):  # time series (video): the datamodule turns frame features into TRs
         if mode == "online":
@@ -134,26 +143,30 @@ def prepare_features(cfg: DictConfig, backbone, dm, device: str) -> tuple[dict[s
         def extract(ids, source, make_loader):
             if cache is None:
                 return extract_features(backbone, make_loader(ids), device, description="frame features",
-                                        stats=stats), "computed"
-            result = cache.load_or_build(backbone, ids, source, make_loader, device, stats=stats)
+                                        stats=stats, preprocess_on=preprocess_on), "computed"
+            result = cache.load_or_build(backbone, ids, source, make_loader, device, stats=stats,
+                                         preprocess_on=preprocess_on)
             return result.features, result.status
 
-        features, dm_info = dm.prepare_features(backbone, extract)
+        features, dm_info = dm.prepare_features(backbone, extract, loader_transform(backbone, preprocess_on))
+        dm.set_transform(backbone.transform)  # any later image served goes through the per-image transform
         info.update(dm_info, cache_dir=str(cfg.feature_cache_dir) if cache else None, extraction=extraction_record(stats))
         return features, info
     if mode == "cached":
         ids = np.unique(np.concatenate([dm.split_ids[s] for s in SPLITS]))
         cache = FeatureCache(cfg.feature_cache_dir)
-        result = cache.load_or_build(backbone, ids, dm.stimulus_source(), dm.images_loader, device, stats=stats)
+        result = cache.load_or_build(backbone, ids, dm.stimulus_source(), dm.images_loader, device, stats=stats,
+                                     preprocess_on=preprocess_on)
         row = {int(i): k for k, i in enumerate(ids)}
         features = {s: result.features[[row[int(i)] for i in dm.split_ids[s]]] for s in SPLITS}
         info.update(cache_key=result.key, cache_file=str(result.path), cache_status=result.status)
     elif mode == "precompute":
         features = {s: extract_features(backbone, dm.image_loader(s), device, description=f"features {s}",
-                                        stats=stats) for s in SPLITS}
+                                        stats=stats, preprocess_on=preprocess_on) for s in SPLITS}
     else:
         features = {"train": extract_features(backbone, dm.image_loader("train"), device, description="features train",
-                                              stats=stats)}
+                                              stats=stats, preprocess_on=preprocess_on)}
+    dm.set_transform(backbone.transform)  # any later image served goes through the per-image transform
     if mode != "online":
         dm.set_features(features)
     info["extraction"] = extraction_record(stats)
@@ -164,7 +177,8 @@ def extraction_record(stats: ExtractionStats) -> dict | None:
     """run.json's features.extraction: {"images", "seconds", "images_per_s"}; None when nothing was extracted."""
     if not stats.images:
         return None
-    return {"images": stats.images, "seconds": round(stats.seconds, 3), "images_per_s": stats.images_per_s}
+    return {"images": stats.images, "seconds": round(stats.seconds, 3), "images_per_s": stats.images_per_s,
+            "waiting_for_images_s": round(stats.waiting_s, 3)}
 
 
 @torch.no_grad()

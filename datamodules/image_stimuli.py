@@ -3,9 +3,11 @@
 A *stimulus source* is anything with ``image(id) -> uint8 (H, W, 3)`` and ``len()``: NSD's ``StimulusBrick``
 (imgBrick by 73k id), NOD's ``ImageFiles`` (the subject's stimulus list). ``ImageDataModule`` keeps one in
 ``images`` after ``setup()`` and serves a split's images through the encoder's transform, or any ids
-for feature extraction. Each subclass also opens its stimuli *without* loading betas, from what a run
-recorded (``open_stimuli(config, description)``: config.yaml's ``data`` section and run.json's ``data``),
-which is how an analysis of a finished run gets its images.
+for feature extraction (through the encoder's per-image transform, or only decoded to uint8 for
+preprocessing on the device; ``collate_images`` keeps images of different sizes apart). Each subclass
+also opens its stimuli *without* loading betas, from what a run recorded (``open_stimuli(config,
+description)``: config.yaml's ``data`` section and run.json's ``data``), which is how an analysis of a
+finished run gets its images.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.serving import ResponseDataModule
 
@@ -33,6 +35,17 @@ class StimulusDataset(Dataset):
         if self.responses is not None:
             item["y"] = torch.from_numpy(self.responses[i])
         return item
+
+
+def collate_images(items: list[dict]) -> dict:
+    """A batch of items {"x", "id"[, "y"]}: as torch's default_collate when every "x" has one shape; when the
+    shapes differ (decoded images of several sizes, e.g. JPEGs, for preprocessing on the device) "x" is the
+    list of the images, in order, and the rest is collated as usual."""
+    if len({tuple(item["x"].shape) for item in items}) <= 1:
+        return default_collate(items)
+    batch = default_collate([{k: v for k, v in item.items() if k != "x"} for item in items])
+    batch["x"] = [item["x"] for item in items]
+    return batch
 
 
 def permute_within_columns(responses: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -78,6 +91,8 @@ class ImageDataModule(ResponseDataModule):
         return self.images_loader(self.split_ids[split])
 
     def images_loader(self, ids: np.ndarray) -> DataLoader:
-        """Images of any 0-based ids, in that order, without responses (for feature extraction)."""
+        """Images of any 0-based ids, in that order, without responses (for feature extraction). With a
+        decode-only transform (uint8 (H, W, 3)), images of different sizes come as a list (``collate_images``)."""
         return DataLoader(StimulusDataset(self.images, np.asarray(ids), self._require_transform()),
-                          batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+                          batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate_images)

@@ -261,9 +261,12 @@ class VideoDataModule(ResponseDataModule):
                           batch_size=self.frame_batch_size, num_workers=0)
 
     # -- features per TR ---------------------------------------------------------
-    def frame_features(self, backbone, extract: FrameExtractor) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Per-frame features {stimulus: (n_frames, n_features)} and what ``extract`` said per movie."""
-        self.set_transform(backbone.transform)
+    def frame_features(self, backbone, extract: FrameExtractor,
+                       transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+                       ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Per-frame features {stimulus: (n_frames, n_features)} and what ``extract`` said per movie.
+        transform: what the frames loader applies to each decoded frame (default: ``backbone.transform``)."""
+        self.set_transform(transform if transform is not None else backbone.transform)
         indices = self.frame_indices()
         out, status = {}, {}
         for stimulus in self.stimuli:
@@ -274,17 +277,21 @@ class VideoDataModule(ResponseDataModule):
                 raise RuntimeError(f"{stimulus}: {out[stimulus].shape[0]} feature rows for {len(indices)} frames")
         return out, status
 
-    def prepare_features(self, backbone, extract: FrameExtractor) -> tuple[dict[str, torch.Tensor], dict]:
+    def prepare_features(self, backbone, extract: FrameExtractor,
+                         transform: Callable[[np.ndarray], torch.Tensor] | None = None,
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
         """Features per TR {split: (n_TR, n_features) float32} (also served), and what the run records.
 
         backbone: has ``transform`` (uint8 (H, W, 3) -> (3, S, S)) and optionally ``feature_slices``
         {layer: slice} for the per-layer PCA. extract(frame ids, stimulus source, make_loader) ->
         (features (n_ids, n_features), status): the backbone pass, e.g. through the feature cache
-        (train.py wires it: datamodules never import encoders). The z-score and the PCA are fitted on
+        (train.py wires it: datamodules never import encoders). transform: what the frames loader applies
+        per frame, default ``backbone.transform``; train.py passes a decode-only one (uint8 (H, W, 3)) when
+        the preprocessing runs batched on the extraction device. The z-score and the PCA are fitted on
         the train split's frames only (never validation or test). What the robust z-score touched is
         recorded: units floored and constant, and per split the fraction of frame values it clipped.
         """
-        frames, status = self.frame_features(backbone, extract)
+        frames, status = self.frame_features(backbone, extract, transform)
         reducer = FeatureReducer(getattr(backbone, "feature_slices", None), self.pca_variance, **self.frame_scaling)
         reducer.fit(np.concatenate([frames[s] for s in self.split_stimuli["train"]]))
         self.frame_reducer = reducer  # train.py hands it to the encoder, which saves it with the head

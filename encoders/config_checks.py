@@ -41,6 +41,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from encoders.extract import PREPROCESS_ON
+
 
 class ConfigError(ValueError):
     """A config value train.py cannot use; the message names the key."""
@@ -83,6 +85,8 @@ def check_config(config: Mapping) -> None:
     check_targets(config)
     if str(config.get("features", "cached")) not in FEATURE_MODES:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_MODES)}, got {config.get('features')!r}")
+    if str(config.get("preprocess_on", "device")) not in PREPROCESS_ON:
+        raise ConfigError(f"preprocess_on must be one of {', '.join(PREPROCESS_ON)}, got {config.get('preprocess_on')!r}")
     check_precision(config)
     head = config.get("head")
     if head:

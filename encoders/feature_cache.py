@@ -2,7 +2,11 @@
 
 Key = hash of (backbone name, a fingerprint of its actual weights, the backbone's description: family,
 model, tag, each layer's module path, pooling and width, normalisation and the full preprocessing spec;
-the stimulus source and the stimulus ids). One file per key: ``<dir>/<backbone>-<key[:16]>.h5``
+where it ran, unless on a CPU with the fixed-point uint8 resize (``pixels``: the device type and the resize
+arithmetic, ``encoders.extract.pixel_record``: CUDA's float32 resize and convolutions give other last digits
+than the CPU's); the stimulus source and the stimulus ids). The per-image transform in the loader and the
+batched one (``preprocess_on=cpu|device``) give the same pixels on a CPU and share entries, and those keys are
+the ones of the files written before ``pixels`` existed. One file per key: ``<dir>/<backbone>-<key[:16]>.h5``
 (the name made file-safe) with datasets ``features`` (n, n_features) float32 and ``ids`` (n,),
 and the full key description in its attributes.
 
@@ -34,7 +38,7 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader
 
-from encoders.extract import ExtractionStats, iter_features
+from encoders.extract import ExtractionStats, iter_features, pixel_record
 from encoders.storage import StorageError, is_storage_failure, reason
 
 log = logging.getLogger(__name__)
@@ -46,16 +50,29 @@ def weights_fingerprint(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().reshape(-1).contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # the bytes, read in place (no copy)
     return digest.hexdigest()
 
 
-def feature_key(backbone, stimuli: dict, ids: np.ndarray) -> dict:
-    """The description whose hash is the cache key: backbone + weights + layers + preprocessing + stimuli.
+# Extractions on a CPU whose resize is torch's fixed-point uint8 kernel (or nearest): the arithmetic of every
+# cache file written before the key recorded where it ran, so their keys leave "pixels" out and stay valid.
+_REFERENCE_PIXELS = ({"device": "cpu", "resize": "uint8"}, {"device": "cpu", "resize": "nearest"})
+
+
+def feature_key(backbone, stimuli: dict, ids: np.ndarray, pixels: dict | None = None) -> dict:
+    """The description whose hash is the cache key: backbone + weights + layers + preprocessing + where it
+    ran + stimuli.
 
     ``backbone.describe()`` gives each layer's module path, pooling and width and the exact preprocessing
-    (Preprocess fields), so two layers or two transforms never share an entry."""
+    (Preprocess fields), so two layers or two transforms never share an entry. ``pixels``
+    (``encoders.extract.pixel_record``: device type, resize arithmetic; default: the per-image transform and
+    the forward on this CPU) keeps a CUDA extraction apart from a CPU one; it is recorded only where it
+    differs from a CPU with the fixed-point uint8 resize (``_REFERENCE_PIXELS``)."""
+    pixels = pixels if pixels is not None else pixel_record(backbone, "cpu", "cpu")
+    where = {} if pixels in _REFERENCE_PIXELS else {"pixels": pixels}
     return {
+        **where,
         "backbone": backbone.spec.name,
         "weights": weights_fingerprint(backbone.model),
         "layers": list(backbone.layers),
@@ -95,14 +112,16 @@ class FeatureCache:
 
     def load_or_build(self, backbone, ids: np.ndarray, stimuli: dict,
                       make_loader: Callable[[np.ndarray], DataLoader], device: str = "cpu",
-                      stats: ExtractionStats | None = None) -> CacheResult:
+                      stats: ExtractionStats | None = None, preprocess_on: str = "cpu") -> CacheResult:
         """Features for ``ids`` (in that order) from the cache, extracting what is missing.
 
-        make_loader(ids) -> a DataLoader of the images of those ids, in order (the encoder's transform).
+        make_loader(ids) -> a DataLoader of the images of those ids, in order: through the encoder's
+        per-image transform (preprocess_on="cpu"), or only decoded (uint8; preprocess_on="device", see
+        ``encoders.extract.loader_transform``), which the key records (``pixel_record``).
         stats: adds the images extracted and the extraction's wall time (``encoders.extract.ExtractionStats``).
         """
         ids = np.asarray(ids, dtype=np.int64)
-        description = feature_key(backbone, stimuli, ids)
+        description = feature_key(backbone, stimuli, ids, pixel_record(backbone, device, preprocess_on))
         key = key_hash(description)
         path = self.path_for(description)
         # A complete file appears only by an atomic rename and is never changed in place, so reading it
@@ -126,7 +145,8 @@ class FeatureCache:
                 log.warning("feature cache: resuming an interrupted extraction at %d/%d images (%s)",
                             start, len(ids), path.name)
                 status = "resumed"
-            features = self._extract(path, description, key, ids, start, backbone, make_loader, device, stats)
+            features = self._extract(path, description, key, ids, start, backbone, make_loader, device, stats,
+                                     preprocess_on)
         return CacheResult(features, key, path, status)
 
     def _lock(self, path: Path) -> FileLock:
@@ -187,7 +207,7 @@ class FeatureCache:
 
     def _extract(self, path: Path, description: dict, key: str, ids: np.ndarray, start: int, backbone,
                  make_loader: Callable[[np.ndarray], DataLoader], device: str,
-                 stats: ExtractionStats | None = None) -> torch.Tensor:
+                 stats: ExtractionStats | None = None, preprocess_on: str = "cpu") -> torch.Tensor:
         """Extract rows start.. into the .partial file, check that every row reads back as written, rename it
         into place and return all features (len(ids), n_features).
 
@@ -218,7 +238,7 @@ class FeatureCache:
             if len(rest):
                 for batch in iter_features(backbone, make_loader(rest), device,
                                            description=f"features {backbone.spec.name}", total=len(rest),
-                                           stats=stats):
+                                           stats=stats, preprocess_on=preprocess_on):
                     rows = batch.numpy()
                     features[done:done + len(rows)] = rows
                     f.flush()

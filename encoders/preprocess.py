@@ -4,6 +4,7 @@
     p = from_timm_config(timm.data.resolve_model_data_config(model))          # timm's eval transform
     p = p.with_overrides(crop_pct=1.0)                                         # full field: resize 224, crop 224
     x = ImageTransform.from_preprocess(p)(uint8_image)                         # (H, W, 3) uint8 -> (3, 224, 224)
+    x = BatchTransform(p)(decoded, device="cuda")                              # uint8 (B, H, W, 3) -> (B, 3, 224, 224)
     p.to_dict()                                                                # what run.json and the cache key record
 
 The libraries' own eval transforms are read into this spec (timm ``resolve_data_config`` + its eval
@@ -13,6 +14,13 @@ applied elsewhere (e.g. as batched tensor ops). The libraries apply their transf
 one resizes uint8 tensors with the same interpolation kernels (antialiased, rounded back to uint8 like
 PIL): on photographs the two agree within 1 uint8 level for all but a few pixels (at most 2 levels;
 0.005 levels on average), measured against each library's transform object in tests/test_preprocess.py.
+
+``BatchTransform`` is the same spec as batched tensor ops on any device, for images only decoded by the
+loader (``decode_rgb``: uint8 (H, W, 3)). On the CPU it runs the very kernels of the per-image transform
+(identical output); elsewhere (CUDA) the resize is float32 interpolation in two passes, each rounded back
+to uint8 levels, which differs from the CPU's fixed-point uint8 kernel by 1 level on under 0.5 % of the
+values (at most 2 levels; ``resize_arithmetic`` names which one runs; tests/test_preprocess_batch.py gives
+the measured figures and the asserted tolerance).
 """
 from __future__ import annotations
 
@@ -24,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Preprocess", "ImageTransform", "from_timm_config", "from_torchvision_weights", "from_open_clip_cfg",
-           "from_transform", "from_mapping", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Preprocess", "ImageTransform", "BatchTransform", "decode_rgb", "resize_arithmetic", "from_timm_config",
+           "from_torchvision_weights", "from_open_clip_cfg", "from_transform", "from_mapping", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +82,15 @@ class Preprocess:
             raise ValueError(f"preprocess interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"preprocess mean/std must be 3 values each (std > 0), got {self.mean} / {self.std}")
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of an image after step 2 (torchvision's rule for "shortest")."""
+        r = self.resize_size
+        if self.resize_mode == "squash":
+            return r, r
+        if width <= height:
+            return int(r * height / width), r
+        return r, int(r * width / height)
 
     @property
     def crop_pct(self) -> float:
@@ -180,6 +198,142 @@ class ImageTransform:
         p = self.preprocess
         return (f"ImageTransform(crop_size={p.crop_size}, resize_size={p.resize_size}, resize_mode={p.resize_mode!r}, "
                 f"interpolation={p.interpolation!r}, antialias={p.antialias}, mean={p.mean}, std={p.std})")
+
+
+# ----------------------------------------------------------------------------- decoding, and the batched transform
+
+
+def decode_rgb(image: Any) -> torch.Tensor:
+    """What a loader worker does on the device path: PIL / numpy (H, W[, C]) uint8 -> uint8 tensor (H, W, 3),
+    channels last as decoded (no copy for an RGB array; grey repeated to 3 channels, an alpha channel dropped).
+    The checks of the per-image transform (uint8 only; 1, 3 or 4 channels)."""
+    x = _to_rgb_tensor(image).permute(1, 2, 0)  # (H, W, 3), a view of the array for RGB input
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _native_uint8_on_cpu(interpolation: str) -> bool:
+    """Whether torchvision resizes uint8 CPU tensors with torch's fixed-point uint8 kernel (as the per-image
+    transform does) rather than through float32 (bilinear on CPUs without AVX2)."""
+    from torchvision.transforms import InterpolationMode
+    try:
+        from torchvision.transforms.v2.functional._geometry import _do_native_uint8_resize_on_cpu
+    except ImportError:  # torchvision's rule as of 0.17-0.29
+        import platform
+        return interpolation == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
+            or platform.machine() in ("aarch64", "arm64")
+    return bool(_do_native_uint8_resize_on_cpu(InterpolationMode(interpolation)))
+
+
+def resize_arithmetic(preprocess: Preprocess, device: str | torch.device = "cpu") -> str:
+    """How the resize of a uint8 image computes its pixels on ``device`` (recorded with the features: the
+    arithmetic, not the code path, decides the values).
+
+    "nearest": pixels are picked, the same everywhere. On the CPU, the per-image and the batched transform
+    alike: "uint8", torch's fixed-point uint8 kernel (PIL's algorithm: a horizontal then a vertical pass,
+    each rounded to uint8), or "float32" where torchvision resizes uint8 through float32 in one pass
+    (bilinear on CPUs without AVX2). Elsewhere (CUDA), ``BatchTransform``: "float32-separable", the two
+    passes in float32, each clamped to 0..255 and rounded half up."""
+    if preprocess.interpolation == "nearest":
+        return "nearest"
+    if torch.device(device).type == "cpu":
+        return "uint8" if _native_uint8_on_cpu(preprocess.interpolation) else "float32"
+    return _FLOAT_PASSES
+
+
+_FLOAT_PASSES = "float32-separable"  # BatchTransform's own float arithmetic (CUDA, or float_resize=True)
+
+
+class BatchTransform:
+    """A Preprocess as batched tensor ops on any device: decoded uint8 images -> normalised float32.
+
+    ``__call__(images, device)``: images uint8 (B, H, W, 3) (one size), or a sequence of uint8 (H, W, 3)
+    tensors of any sizes (e.g. JPEGs) -> (B, 3, crop_size, crop_size) float32 on ``device``, in input order,
+    contiguous. Images are moved to the device (non_blocking: pin them first for CUDA), grouped by size, and
+    each group is resized in one call; then crop, scale and normalise as ``ImageTransform`` does:
+
+    - on the CPU the very torchvision calls of the per-image transform on the batch, hence the same values;
+    - elsewhere (CUDA) torch's float32 interpolation in PIL's order, a horizontal then a vertical pass, each
+      clamped to 0..255 and rounded half up to a whole level as PIL's uint8 passes are ("float32-separable").
+      On photographs one float pass rounded once differs from the CPU's uint8 kernel by 1 level on 11-20 %
+      of the values and, for bicubic, by up to 17 levels where the kernel clips its intermediate image; the
+      two passes differ by 1 level on under 0.5 % of them, at most 2 levels (against the libraries' PIL
+      transforms at most 1; tests/test_preprocess_batch.py). ``float_resize=True`` runs this arithmetic on
+      the CPU too (to test it without a GPU).
+
+    ``arithmetic(device)`` names the resize arithmetic used there (``resize_arithmetic``).
+    """
+
+    def __init__(self, preprocess: Preprocess, float_resize: bool = False):
+        self.preprocess = preprocess
+        self.float_resize = bool(float_resize)
+        p = preprocess
+        self._size = [p.resize_size] if p.resize_mode == "shortest" else [p.resize_size, p.resize_size]
+
+    def arithmetic(self, device: str | torch.device) -> str:
+        """resize_arithmetic of this transform on ``device``."""
+        if self.float_resize and self.preprocess.interpolation != "nearest":
+            return _FLOAT_PASSES
+        return resize_arithmetic(self.preprocess, device)
+
+    def __call__(self, images: torch.Tensor | Sequence[torch.Tensor],
+                 device: str | torch.device | None = None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"BatchTransform expects uint8 images (B, H, W, 3), got {images.dtype} "
+                                 f"{tuple(images.shape)}")
+            device = torch.device(device) if device is not None else images.device
+            return self._group(images.to(device, non_blocking=True), device).contiguous()
+        images = list(images)
+        if not images:
+            raise ValueError("BatchTransform got no images")
+        for x in images:
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 3 or x.shape[-1] != 3:
+                raise ValueError(f"BatchTransform expects uint8 images (H, W, 3), got "
+                                 f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        device = torch.device(device) if device is not None else images[0].device
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(images):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        moved = [x.to(device, non_blocking=True) for x in images]
+        if len(groups) == 1:
+            return self._group(torch.stack(moved), device).contiguous()
+        s = self.preprocess.crop_size
+        out = torch.empty((len(images), 3, s, s), dtype=torch.float32, device=device)
+        for rows in groups.values():
+            out[torch.tensor(rows, device=device)] = self._group(torch.stack([moved[i] for i in rows]), device)
+        return out
+
+    def _group(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 (b, H, W, 3) of one size on ``device`` -> (b, 3, S, S) float32."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        p = self.preprocess
+        x = x.permute(0, 3, 1, 2)  # (b, 3, H, W), channels last in memory as the per-image transform has it
+        if self.arithmetic(device) != _FLOAT_PASSES:  # the per-image transform's own calls
+            x = TF.resize(x, self._size, interpolation=InterpolationMode(p.interpolation), antialias=p.antialias)
+            x = TF.to_dtype(TF.center_crop(x, [p.crop_size]), torch.float32, scale=True)
+        else:
+            x = TF.center_crop(self._float_resize(x), [p.crop_size]).mul_(1.0 / 255)  # to_dtype(scale=True)
+        return TF.normalize(x, list(p.mean), list(p.std))
+
+    def _float_resize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, 3, H, W) -> the resized uint8 values as float32 (b, 3, h, w): torch's float32 interpolation,
+        horizontal then vertical pass, each clamped and rounded half up, as PIL's uint8 passes."""
+        p = self.preprocess
+        height, width = x.shape[-2:]
+        new_h, new_w = p.resized_shape(height, width)
+        passes = [(height, new_w), (new_h, new_w)]
+        x = x.float()
+        for size in passes:
+            if tuple(x.shape[-2:]) != size:
+                x = torch.nn.functional.interpolate(x, size=size, mode=p.interpolation, align_corners=False,
+                                                    antialias=p.antialias)
+                x = x.clamp_(0, 255).add_(0.5).floor_()
+        return x
+
+    def __repr__(self) -> str:
+        return f"BatchTransform({self.preprocess}, float_resize={self.float_resize})"
 
 
 # ----------------------------------------------------------------------------- from the libraries
