@@ -7,9 +7,11 @@
 #
 # Parts, each under its own `timeout` (seconds, GPU / CPU), run whatever happened to the ones before:
 #   tests        pytest -m gpu (tests/test_devices.py: ridge cuda vs cpu, mixed precision, NCCL, BatchTransform);
-#                on a CPU they are collected and skipped, with the reason              150 / 120
-#   head_epoch   benchmarks/head_epoch.py: an epoch of the linear head, LightningModule vs a bare loop
-#                (--device cuda where the script has that option, else its --quick on the CPU)   90 / 150
+#                on a CPU they are collected and skipped, with the reason              130 / 120
+#   head_epoch   benchmarks/head_epoch.py: an epoch of the linear head, LightningModule vs a bare loop, the
+#                loader alone and the host time per batch; on a GPU --device cuda at n=9000, 4096 features,
+#                30,000 voxels (the head and its AdamW state: 1.5 GB, two checkpoints an epoch), 3 epochs,
+#                2 repeats; on a CPU its --quick with 1 repeat of 2 epochs                  120 / 150
 #   extract      benchmarks/extract.py --device cuda: extraction pipeline vs bare forward, host cost
 #                per image (CPU: --quick)                                                   120 / 150
 #   ridge        benchmarks/ridge.py --summary: our RidgeCV vs himalaya's, torch_cuda backend on a GPU,
@@ -92,7 +94,7 @@ else
 fi
 
 # 1. GPU-marked tests
-part tests "$([ "$gpu" = 1 ] && echo 150 || echo 120)" \
+part tests "$([ "$gpu" = 1 ] && echo 130 || echo 120)" \
     '^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|errors?|deselected)' \
     "$PY" -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/
 
@@ -102,7 +104,8 @@ filter='s/epoch|loader alone|GPU epoch|host time per batch|threads'
 if [ ! -f "$script" ]; then
     skip head_epoch "$script not present"
 elif [ "$gpu" = 1 ] && has_option "$script" --device; then
-    part head_epoch 90 "$filter" "$PY" "$script" --device cuda --repeats 2 --no-progress-bar
+    part head_epoch 120 "$filter" "$PY" "$script" --device cuda --n 9000 --features 4096 --voxels 30000 \
+        --epochs 3 --repeats 2 --no-progress-bar
 elif [ "$gpu" = 1 ]; then
     skip head_epoch "$script --device not present (the CPU quick version instead)"
     part head_epoch 90 "$filter" "$PY" "$script" --quick --repeats 2 --no-progress-bar

@@ -4,11 +4,13 @@
     python benchmarks/head_epoch.py --quick         # n=2000, 512 features, 4000 voxels (a minute)
     python benchmarks/head_epoch.py --n 9000 --features 4096 --voxels 30000 --only loader
     python benchmarks/head_epoch.py --threads 1 --cpu-time --epochs 2 --repeats 5 --only epoch   # a loaded machine
+    python benchmarks/head_epoch.py --device cuda --n 9000 --features 4096 --voxels 30000 --repeats 2 --no-progress-bar
 
 Side by side in one process, the order rotated in every repeat:
 - ``bare``: a hand-written loop: for each batch of a seeded permutation, rows gathered by index,
   standardised, LinearHead, MSE, backward, AdamW step (conf/optimizer/adamw.yaml), ExponentialLR per epoch.
-- ``index``: EncodingModel trained by the Trainer train.py builds (trainer=cpu, the default callbacks:
+- ``index``: EncodingModel trained by the Trainer train.py builds (trainer=cpu, or on ``--device cuda:N``
+  trainer.accelerator=gpu trainer.devices=[N]; the default callbacks:
   best/last checkpoints and early stopping, csv logger, progress bar as configured), features served
   by the datamodule as batches drawn by index from tensors on the device (``data.feature_batches=auto``).
 - ``per_item``: the same with ``data.feature_batches=per_item``, a DataLoader over FeatureDataset (before).
@@ -18,19 +20,32 @@ trains ``--epochs`` epochs and its first is left out (warm-up). Medians over rep
 the median of the per-repeat ratios. On a shared, loaded machine wall-clock epochs scatter widely
 (a descheduled OpenMP thread stalls every parallel op): ``--threads 1 --cpu-time`` times the work done.
 
-``loader``: one pass over the training batches alone (no arithmetic), per-item vs by index.
+``--device cuda[:N]``: every path on that GPU — the bare loop's tensors, head and optimizer there, the
+Trainer on it (the index path's features and responses placed there by ``feature_batches=auto``; the
+per-item path copies each batch over, as Lightning does). The clock synchronises the device before it is
+read (at an epoch's start and after its last batch: no extra synchronisation between steps); the peak
+device memory of each path (``torch.cuda.max_memory_allocated`` above what was held before the run) is
+printed beside its time. ``--cpu-time`` is refused there (it counts host CPU time only).
+
+``loader``: one pass over the training batches alone (no arithmetic), per-item vs by index, each batch
+delivered on the device (per-item: copied there as Lightning's loop does).
 ``host``: the same three loops at 16 features × 16 voxels on one thread, where the arithmetic is
 negligible: the host time per batch, below which no device can take a batch (a GPU epoch takes at
 least n_batches × that; the device time per batch is then about 3 matmuls of batch × features × voxels).
+On the CPU it is this process's CPU time; on ``--device cuda`` the wall time of the loops run on the GPU,
+where the GPU finishes each kernel as soon as it is launched: the time the host needs per batch, which
+the GPU spends waiting whenever its own work per batch is shorter.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -51,6 +66,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from lightning.fabric.utilities.apply_func import move_data_to_device  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from datamodules.serving import ResponseDataModule  # noqa: E402
@@ -89,11 +105,34 @@ def make_data(n_train: int, d: int, v: int, seed: int = 0):
     return X, Y.numpy()
 
 
+def parse_device(text: str) -> torch.device:
+    """"cpu", "cuda" or "cuda:N" -> a device torch can use here; ValueError (one line) otherwise."""
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: no CUDA device is visible to torch (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda or 'none'})")
+    index, count = int(match.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {text}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def trainer_overrides(device: torch.device) -> list[str]:
+    """The trainer config of a run on ``device``: trainer=cpu, or the default trainer on GPU ``device.index``."""
+    if device.type == "cpu":
+        return ["trainer=cpu"]
+    return ["trainer.accelerator=gpu", f"trainer.devices=[{device.index}]"]
+
+
 def train_config(tmp: Path, epochs: int, progress_bar: bool):
-    """train.py's config (trainer=cpu, default callbacks, csv logger), outputs under tmp."""
+    """train.py's config (trainer on DEVICE, default callbacks, csv logger), outputs under tmp."""
     GlobalHydra.instance().clear()
-    overrides = ["trainer=cpu", "logger=csv", f"trainer.max_epochs={epochs}", "callbacks.early_stopping.patience=1000",
-                 f"trainer.enable_progress_bar={str(progress_bar).lower()}"]
+    overrides = [*trainer_overrides(DEVICE), "logger=csv", f"trainer.max_epochs={epochs}",
+                 "callbacks.early_stopping.patience=1000", f"trainer.enable_progress_bar={str(progress_bar).lower()}"]
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=overrides)
     with open_dict(cfg):
@@ -104,15 +143,41 @@ def train_config(tmp: Path, epochs: int, progress_bar: bool):
 
 
 def clock() -> float:
-    """Wall seconds, or this process's CPU seconds with --cpu-time (robust on a loaded machine when single-threaded)."""
+    """Wall seconds, or this process's CPU seconds with --cpu-time (robust on a loaded machine when single-threaded).
+
+    On a GPU the device is synchronised first: the time includes the work queued so far.
+    """
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return time.process_time() if CPU_TIME else time.perf_counter()
 
 
 CPU_TIME = False
+DEVICE = torch.device("cpu")
+
+
+def memory_start() -> int:
+    """Before a run on a GPU: what is left of earlier runs freed, the peak counter reset; bytes still allocated."""
+    if DEVICE.type != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    return torch.cuda.memory_allocated(DEVICE)
+
+
+def memory_peak(start: int) -> int:
+    """Peak bytes allocated on the GPU since ``memory_start`` above what was held then (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(DEVICE) - start if DEVICE.type == "cuda" else 0
 
 
 class EpochClock(L.Callback):
-    """Per epoch: the training batches (start of epoch -> end of its last batch) and the whole epoch."""
+    """Per epoch: the training batches (start of epoch -> end of its last batch) and the whole epoch.
+
+    The clock is read (on a GPU: the device synchronised) at the epoch's start and after its last training
+    batch only, so the host may queue steps ahead as it does in training.
+    """
 
     def __init__(self):
         self.train, self.whole, self.batches = [], [], 0
@@ -121,8 +186,9 @@ class EpochClock(L.Callback):
         self.start = self.last = clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.last = clock()
         self.batches = batch_idx + 1
+        if self.batches >= trainer.num_training_batches:
+            self.last = clock()
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.train.append(self.last - self.start)
@@ -149,18 +215,19 @@ def run_lightning(path: str, X, Y, n_train: int, batch: int, epochs: int, progre
 
 
 def run_bare(X, Y, n_train: int, batch: int, epochs: int) -> list[float]:
-    """The hand-written loop on the same tensors; seconds per epoch."""
+    """The hand-written loop on the same tensors, on DEVICE (put there before the first epoch); seconds per epoch."""
     torch.use_deterministic_algorithms(False)  # a plain loop does not ask for it (Lightning's Trainer did)
     d, v = X.shape[1], Y.shape[1]
-    Xt, Yt = X[:n_train], torch.from_numpy(Y[:n_train])
+    Xt, Yt = X[:n_train].to(DEVICE), torch.from_numpy(Y[:n_train]).to(DEVICE)
     mean, std = Xt.mean(0), Xt.std(0)
-    head = LinearHead(d, v)
+    head = LinearHead(d, v).to(DEVICE)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.97)
     times = []
     for epoch in range(epochs):
         start = clock()
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(epoch))
+        # Drawn on the host and sent over once per epoch, as the datamodule's batches by index do.
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(epoch)).to(DEVICE)
         for idx in order.split(batch):
             pred = head((Xt.index_select(0, idx) - mean) / std)
             loss = torch.nn.functional.mse_loss(pred, Yt.index_select(0, idx))
@@ -173,23 +240,32 @@ def run_bare(X, Y, n_train: int, batch: int, epochs: int) -> list[float]:
 
 
 def loader_pass(path: str, X, Y, n_train: int, batch: int) -> float:
-    """Seconds for one pass over the training batches, nothing else."""
+    """Seconds for one pass over the training batches, each delivered on DEVICE, nothing else.
+
+    By index, the datamodule places the split on the device first (as at the start of a fit, not timed); it
+    reads the device from its trainer, here a stand-in that carries only the device. Per item, each batch
+    is moved to the device as Lightning's loop moves it.
+    """
     dm = ArrayDataModule(X, Y, n_train, seed=0, batch_size=batch,
                          feature_batches="auto" if path == "index" else "per_item")
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=DEVICE), distributed_sampler_kwargs=None)
     loader = dm.train_dataloader()
-    start = time.perf_counter()
-    for _ in loader:
-        pass
-    return time.perf_counter() - start
+    start = clock()
+    for b in loader:
+        if path != "index":
+            move_data_to_device(b, DEVICE)
+    return clock() - start
 
 
 def measure(X, Y, n_train, batch, epochs, repeats, paths, progress_bar, verbose=True) -> dict:
-    """{path: {"train": [s per epoch], "rest": [s per epoch]}}, the paths rotated every repeat."""
-    out = {p: {"train": [], "rest": [], "ratio": []} for p in paths}
+    """{path: {"train": [s per epoch], "rest": [s per epoch], "ratio": [per repeat], "peak": bytes}}, the paths
+    rotated every repeat; "peak": the most device memory a run of the path took (GPU only, else 0)."""
+    out = {p: {"train": [], "rest": [], "ratio": [], "peak": 0} for p in paths}
     for r in range(repeats):
         order = paths[r % len(paths):] + paths[:r % len(paths)]
         this = {}
         for path in order:
+            held = memory_start()
             if path == "bare":
                 times = run_bare(X, Y, n_train, batch, epochs)[1:]
                 rest = [0.0] * len(times)
@@ -197,6 +273,7 @@ def measure(X, Y, n_train, batch, epochs, repeats, paths, progress_bar, verbose=
                 clock = run_lightning(path, X, Y, n_train, batch, epochs, progress_bar)
                 times = clock.train[1:]
                 rest = [w - t for w, t in zip(clock.whole[1:], clock.train[1:])]
+            out[path]["peak"] = max(out[path]["peak"], memory_peak(held))
             out[path]["train"] += times
             out[path]["rest"] += rest
             this[path] = statistics.median(times)
@@ -216,6 +293,8 @@ def report(out: dict, n_batches: int, label: str, per_batch: bool = False) -> No
             line += f"   {statistics.median(m['ratio']):.2f}x bare (median of per-repeat ratios)"
         if any(m["rest"]):
             line += f"   + validation & checkpoints {statistics.median(m['rest']):.2f} s"
+        if m["peak"] and not per_batch:
+            line += f"   peak {DEVICE} memory {m['peak'] / 2**30:.2f} GiB"
         print(line)
     if per_batch:
         return
@@ -237,9 +316,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time epochs by this process's CPU time, not wall time (for a loaded machine; "
-                             "use with --threads 1, where no thread waits spinning)")
+                             "use with --threads 1, where no thread waits spinning; CPU only)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda | cuda:N: where every path trains (default cpu)")
     args = parser.parse_args()
-    global CPU_TIME
+    global CPU_TIME, DEVICE
+    try:
+        DEVICE = parse_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if args.cpu_time and DEVICE.type != "cpu":
+        print(f"error: --cpu-time counts this process's CPU time only, not the work on --device {args.device}; "
+              "leave it out (the clock synchronises the device)", file=sys.stderr)
+        sys.exit(2)
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+        # What the Trainer (deterministic=True) sets at its construction, set before any path runs: the
+        # same cuBLAS workspace for all of them, whichever runs first.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     CPU_TIME = args.cpu_time
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,8 +344,13 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     n_batches = math.ceil(args.n / args.batch)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if CPU_TIME else 'wall'} time; n={args.n}, "
-          f"features={args.features}, voxels={args.voxels}, batch={args.batch} ({n_batches} batches/epoch)")
+    where = "cpu"
+    if DEVICE.type == "cuda":
+        props = torch.cuda.get_device_properties(DEVICE)
+        where = f"{DEVICE} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    print(f"device {where}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if CPU_TIME else 'wall'} time; n={args.n}, features={args.features}, voxels={args.voxels}, "
+          f"batch={args.batch} ({n_batches} batches/epoch)")
     X, Y = make_data(args.n, args.features, args.voxels)
 
     if args.only in (None, "loader"):
@@ -265,13 +365,17 @@ def main() -> None:
     if args.only in (None, "host"):
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        CPU_TIME = True
+        CPU_TIME = DEVICE.type == "cpu"  # on a GPU: wall time, the device synchronised
         Xs, Ys = make_data(args.n, 16, 16)
         out = measure(Xs, Ys, args.n, args.batch, max(args.epochs, 3), args.repeats, list(PATHS), args.progress_bar,
                       verbose=False)
         torch.set_num_threads(threads)
         CPU_TIME = args.cpu_time
-        print("host time per batch (16 features x 16 voxels, 1 thread, CPU time of this process):")
+        if DEVICE.type == "cuda":
+            print(f"host time per batch (16 features x 16 voxels on {DEVICE}, 1 host thread, wall time: the GPU "
+                  "finishes each kernel as it is launched, so this is what the host needs per batch):")
+        else:
+            print("host time per batch (16 features x 16 voxels, 1 thread, CPU time of this process):")
         report(out, n_batches, "host", per_batch=True)
         host = statistics.median(out["index"]["train"]) / n_batches
         flop = 3 * 2 * args.batch * args.features * args.voxels
