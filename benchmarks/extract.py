@@ -93,13 +93,18 @@ def pipeline_seconds(backbone, dm: ImageDataModule, ids: np.ndarray, device: tor
 
 
 @torch.no_grad()
-def bare_seconds(model: torch.nn.Module, batches: list[torch.Tensor], forward, device: torch.device) -> float:
+def synced_seconds(step, batches: list, device: torch.device) -> float:
+    """Wall time of step(batch) over the batches, the device synchronised before and after."""
     sync(device)
     start = time.perf_counter()
-    for x in batches:
-        forward(model, x)
+    for batch in batches:
+        step(batch)
     sync(device)
     return time.perf_counter() - start
+
+
+def bare_seconds(model: torch.nn.Module, batches: list[torch.Tensor], forward, device: torch.device) -> float:
+    return synced_seconds(lambda x: forward(model, x), batches, device)
 
 
 def bare_forward(name: str):
@@ -126,12 +131,7 @@ def per_image_seconds(backbone, images: list[np.ndarray]) -> float:
 
 
 def batched_seconds(transform: BatchTransform, batches: list, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    for batch in batches:
-        transform(batch, device)
-    sync(device)
-    return time.perf_counter() - start
+    return synced_seconds(lambda batch: transform(batch, device), batches, device)
 
 
 def cache_write_seconds(n: int, width: int, batch: int, folder: Path, chunk_cache: bool) -> float:
