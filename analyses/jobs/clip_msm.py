@@ -43,7 +43,6 @@ a ``synthetic_category``; or a mapping
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from analyses.methods import dissect
 from datamodules.errors import DataError
 from datamodules.image_folder import ImageFolder, image_files
 from encoders.run_dir import RunDir
+from encoders.run_record import write_json
 
 PLANTED_PREFIX = "planted:"
 
@@ -491,7 +491,7 @@ def write_run(res: dict, out: Path, opts: ClipMSMOptions) -> list[Path]:
                                                       "expected_share_mean"], res["sim_rows"]))
     if res["curve"] is not None:
         files += write_training_curve(res["curve"], out, title)
-    _write_json(out / "summary.json", res["summary"])
+    write_json(out / "summary.json", res["summary"])
     files.append(out / "summary.json")
     return files
 
@@ -665,10 +665,6 @@ def write_sweep(combined: dict, target: Path, console: Console) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- files and printing
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def _num(v):
