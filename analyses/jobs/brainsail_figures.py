@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.jobs.outputs import pyplot
+from analyses.jobs.outputs import pyplot, save_figure
 from analyses.methods import attribution as attr
 
 
@@ -31,9 +31,7 @@ def plot_overlays(images: np.ndarray, maps: np.ndarray, ids: Sequence, predicted
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def plot_comparison(images: np.ndarray, maps: dict[str, np.ndarray | None], ids: Sequence, path: Path,
@@ -55,6 +53,4 @@ def plot_comparison(images: np.ndarray, maps: dict[str, np.ndarray | None], ids:
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.jobs.outputs import pyplot
+from analyses.jobs.outputs import pyplot, save_figure
 
 
 def plot_label_histograms(rows: list[list], concepts: list[str], path: Path, title: str) -> Path:
@@ -27,9 +27,7 @@ def plot_label_histograms(rows: list[list], concepts: list[str], path: Path, tit
         ax.axis("off")
     fig.suptitle(f"voxels per CLIP-Dissect label — {title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_top_images(top: dict, probe, path: Path, title: str, max_rois: int = 24) -> Path | None:
@@ -50,9 +48,7 @@ def plot_top_images(top: dict, probe, path: Path, title: str, max_rois: int = 24
                 ax.set_title(f"{roi}: {concept}", fontsize=7, loc="left")
     fig.suptitle(f"top images per ROI for its top concept — {title}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / len(items)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _projection(values: np.ndarray, xyz: np.ndarray) -> np.ndarray:
@@ -86,9 +82,7 @@ def plot_semantic_maps(S: np.ndarray, labels: np.ndarray, xyz: np.ndarray, conce
             ax.set_title(f"{concepts[c]} ({'MSM' if i == 0 else 'CLIP-Dissect'})", fontsize=7)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
     fig.suptitle(f"semantic maps (max projection) — {title}", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
@@ -104,9 +98,7 @@ def plot_localizer(rows: list[list], path: Path, title: str) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_paired(rows: list[list], path: Path, title: str) -> Path:
@@ -124,9 +116,7 @@ def plot_paired(rows: list[list], path: Path, title: str) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_training_curve(curve: dict, path: Path, title: str) -> Path:
@@ -141,9 +131,7 @@ def plot_training_curve(curve: dict, path: Path, title: str) -> Path:
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(f"accuracy vs training-set size — {title}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_training_curves(curves: list[tuple[str, dict]], path: Path) -> Path:
@@ -156,6 +144,4 @@ def plot_training_curves(curves: list[tuple[str, dict]], path: Path) -> Path:
     ax.set_ylabel("mean test R² (all voxels)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.jobs.outputs import pyplot
+from analyses.jobs.outputs import pyplot, save_figure
 
 
 def plot_counts(rows: list[dict], set_name: str, path: Path, opts) -> Path:
@@ -29,9 +29,7 @@ def plot_counts(rows: list[dict], set_name: str, path: Path, opts) -> Path:
     ax.set_title(f"category-selective units per layer ({set_name} localizer)", fontsize=10)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: Path) -> Path:
@@ -65,9 +63,7 @@ def plot_comparison(rows: list[dict], ceiling: list[dict], set_name: str, path: 
         ax.set_title("univariate tuning" if measure == "tuning" else "representational geometry (RDM)", fontsize=10)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_lesions(rows: list[dict], path: Path) -> Path:
@@ -89,6 +85,4 @@ def plot_lesions(rows: list[dict], path: Path) -> Path:
     ax.set_title("encoding lesions", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

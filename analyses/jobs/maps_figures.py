@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.jobs.outputs import pyplot
+from analyses.jobs.outputs import pyplot, save_figure
 
 DPI = 90
 VIEWS = ("lateral", "ventral")
@@ -211,9 +211,7 @@ def _plot_surfaces(space, values, voxel_xyz, meshes: dict, path: Path, title: st
                 title_font_size=9)
     fig.suptitle(f"{title}\n{style.label}", fontsize=10)
     _legend(fig, style)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white")
 
 
 def _plot_distribution(space, values, voxel_xyz, path: Path, title: str, style: MapStyle,
@@ -241,6 +239,4 @@ def _plot_distribution(space, values, voxel_xyz, path: Path, title: str, style: 
     for ax in (ax_h, ax_r):
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight", facecolor="white")

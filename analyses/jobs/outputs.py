@@ -16,6 +16,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure to ``path`` (``fig.savefig(path, dpi=dpi, **savefig_kwargs)``), close it (pyplot
+    keeps every open figure in memory) and return the path."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi, **savefig_kwargs)
+    pyplot().close(fig)
+    return path
+
+
 def csv_cell(value):
     """A table cell: floats to 6 significant digits, NaN/inf as an empty cell, anything else as it is."""
     if isinstance(value, (float, np.floating)):

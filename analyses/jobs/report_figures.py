@@ -10,14 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analyses.jobs.outputs import save_figure  # noqa: E402
+
 DPI = 100
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def roi_bar_chart(labels: Sequence[str], rois: Sequence[str],
@@ -46,7 +41,7 @@ def roi_bar_chart(labels: Sequence[str], rois: Sequence[str],
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight")
 
 
 def voxel_scatter(a: np.ndarray, b: np.ndarray, colour: np.ndarray | None, xlabel: str, ylabel: str,
@@ -71,7 +66,7 @@ def voxel_scatter(a: np.ndarray, b: np.ndarray, colour: np.ndarray | None, xlabe
     ax.set_xlabel(f"{xlabel}\n{metric_label}", fontsize=9)
     ax.set_ylabel(f"{ylabel}\n{metric_label}", fontsize=9)
     ax.set_title(f"{title}\n{int((b > a).sum())} voxels above the line, {int((b < a).sum())} below", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight")
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> Path:
@@ -93,4 +88,4 @@ def learning_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: Path) 
     for ax in (ax_r, ax_loss):
         ax.spines[["top", "right"]].set_visible(False)
     ax_r.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyses.jobs.outputs import pyplot
+from analyses.jobs.outputs import pyplot, save_figure
 
 
 def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
@@ -32,9 +32,7 @@ def plot_accuracy(acc: dict, path: Path, title: str) -> Path:
     axes[1].set_ylabel("mean r ± SE (significant/voxels)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndarray, path: Path, title: str) -> Path:
@@ -53,9 +51,7 @@ def plot_layers_categories(layers_block: dict, names: list[str], labels: np.ndar
     axes[-1].set_ylabel("signed modularity Q")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_best_layer_per_roi(counts: Mapping[str, np.ndarray], layer_names: Sequence[str], path: str | Path,
@@ -81,10 +77,7 @@ def plot_best_layer_per_roi(counts: Mapping[str, np.ndarray], layer_names: Seque
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="fraction of the ROI's voxels")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_similarity(similarity: np.ndarray, names: Sequence[str], labels: np.ndarray | None, path: str | Path,
@@ -107,10 +100,7 @@ def plot_similarity(similarity: np.ndarray, names: Sequence[str], labels: np.nda
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="Pearson r")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_roi_profile(profile: Mapping[str, np.ndarray], names: Sequence[str], path: str | Path,
@@ -131,7 +121,4 @@ def plot_roi_profile(profile: Mapping[str, np.ndarray], names: Sequence[str], pa
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
